@@ -1,0 +1,86 @@
+"""Typed values that may end up in generated shell scripts or config files.
+
+Every setting that reaches a script passes through one of these checks
+first; each raises ValueError with a message fit for `key: message`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+# Absolute paths of plain characters: no spaces, quotes, globs, $, `, ;, newlines.
+PATH_RE = re.compile(r"^/[A-Za-z0-9._+@%=:,/-]*$")
+KERNEL_RE = re.compile(r"^[A-Za-z0-9._+~-]+$")
+LOG_LEVELS = ("NONE", "ERROR", "WARN", "INFO", "DEBUG")
+
+
+def check_name(value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is not a valid name (use only A-Z a-z 0-9 . _ -)")
+    return value
+
+
+def check_ip(value: object) -> str:
+    """An IPv4 or IPv6 address, as text (no host names: they would need DNS on the DPU)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (like 192.168.1.1)") from None
+
+
+def check_port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a port number (1-65535)")
+    text = str(value)
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{value!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def check_abs_path(value: object) -> str:
+    """An absolute path that is safe to paste into a script even unquoted."""
+    if not isinstance(value, str) or not PATH_RE.match(value) or "/../" in value + "/":
+        raise ValueError(
+            f"{value!r} is not an absolute path of plain characters "
+            "(letters, digits and . _ + @ % = : , / - only; no '..')")
+    return value
+
+
+def check_log_level(value: object) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a qtfs log level ({', '.join(LOG_LEVELS)})")
+    return str(value)
+
+
+def check_kernel_release(value: object) -> str:
+    if not isinstance(value, str) or not KERNEL_RE.match(value):
+        raise ValueError(f"{value!r} is not a kernel release (as `uname -r` prints it)")
+    return value
+
+
+def check_mode(value: object) -> int:
+    """A file mode given as an octal string ('0755') or an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
+        mode = int(value, 8)
+    else:
+        raise ValueError(f"{value!r} is not a file mode (like '0755')")
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"{value!r} is not a file mode (like '0755')")
+    return mode
+
+
+CHECKS = {
+    "name": check_name,
+    "ip": check_ip,
+    "port": check_port,
+    "path": check_abs_path,
+    "log_level": check_log_level,
+    "kernel": check_kernel_release,
+    "mode": check_mode,
+}
