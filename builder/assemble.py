@@ -229,7 +229,7 @@ def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:
             data_entry is entry
             and name == entry.name
             and policy_mtime == entry.mtime
-            and (entry.type != LNK or link_to == entry.linkname)
+            and (link_to == entry.linkname if entry.type == LNK else link_to is None)
         )
         if verbatim:
             stats.copied_verbatim += 1

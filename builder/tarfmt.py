@@ -261,6 +261,11 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     buf = f.read(n)
+    while len(buf) < n:  # pipes and raw files may return less than asked
+        more = f.read(n - len(buf))
+        if not more:
+            break
+        buf += more
     if len(buf) != n:
         raise TarFormatError("tar stream ends in the middle of a member",
                              hint="the input is truncated")

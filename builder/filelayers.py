@@ -1,0 +1,295 @@
+"""File layers: overlays and element content, planned then written.
+
+A plan lists every member with the digest of its content; the plan's
+digest is the layer's cache key, so a layer is rebuilt exactly when what it
+would hold changes.  Host files are read, never executed; symlinks are kept
+as symlinks and never followed; owners are root unless stated; modes come
+from the plan, not from the checkout (git keeps only the x bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import shlex
+import stat
+import string
+from pathlib import Path
+from typing import Any
+
+from . import FORMAT_VERSION, tarfmt, values
+from .elements import Element, ElementSet, condition_holds
+from .errors import UserError
+from .layer import LayerWriter
+from .recipe import Overlay
+from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
+
+
+@dataclasses.dataclass
+class Item:
+    """One planned member; content comes from `path` or `data`."""
+
+    member: Member
+    path: Path | None = None
+    data: bytes | None = None
+    digest: str = ""
+    weak: bool = False
+
+    def describe(self) -> list[Any]:
+        m = self.member
+        return [m.name.decode("latin-1"), m.type.decode(), m.mode, m.uid, m.gid,
+                m.linkname.decode("latin-1"), m.devmajor, m.devminor, self.digest,
+                int(self.weak)]
+
+
+@dataclasses.dataclass
+class FilePlan:
+    kind: str
+    label: str
+    items: list[Item] = dataclasses.field(default_factory=list)
+    deletions: list[bytes] = dataclasses.field(default_factory=list)
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # host path -> sha256
+
+    def key(self) -> str:
+        doc = {"format": FORMAT_VERSION, "kind": self.kind,
+               "items": [i.describe() for i in sorted(self.items, key=lambda i: i.member.name)],
+               "deletions": sorted(d.decode("latin-1") for d in self.deletions)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def add(self, item: Item) -> None:
+        self.items.append(item)
+
+    def write(self, directory: Path) -> dict[str, Any]:
+        """Write the layer into `directory` (a cache staging dir)."""
+        writer = LayerWriter(directory, mtime_policy="epoch", source=self.label)
+        try:
+            for name in self.deletions:
+                writer.delete(name)
+            for item in sorted(self.items, key=lambda i: tarfmt.sort_key(i.member.name)):
+                m = dataclasses.replace(item.member, xattrs=dict(item.member.xattrs))
+                if m.type == REG and item.path is not None:
+                    with open(item.path, "rb") as f:
+                        got = hashlib.sha256()
+
+                        def read(n: int, f: Any = f, got: Any = got) -> bytes:
+                            chunk = f.read(n)
+                            got.update(chunk)
+                            return bytes(chunk)
+
+                        writer.add(m, read, weak=item.weak)
+                    if got.hexdigest() != item.digest:
+                        raise UserError(f"{item.path}: changed while the build read it",
+                                        hint="run the build again")
+                elif m.type == REG:
+                    writer.add(m, io.BytesIO(item.data or b"").read, weak=item.weak)
+                else:
+                    writer.add(m, weak=item.weak)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dest_name(dest: str, *, where: str) -> bytes:
+    """A rootfs path from a recipe or element, refusing '..'."""
+    try:
+        return tarfmt.normalize_name(os.fsencode(dest), what=f"{where}: destination")
+    except UserError as e:
+        raise UserError(e.message, hint="paths inside the rootfs may not contain '..'") from None
+
+
+def _join(base: bytes, rel: bytes) -> bytes:
+    return base + b"/" + rel if base and rel else base or rel
+
+
+# ---------------------------------------------------------------------------
+# overlays
+
+
+def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
+    src = overlay.source
+    label = f"overlays[{index}] ({src})"
+    if not src.exists():
+        raise UserError(f"{src}: overlay directory not found", where=where)
+    if not src.is_dir() or src.is_symlink():
+        raise UserError(f"{src}: an overlay must be a directory", where=where)
+    plan = FilePlan("overlay", label)
+    dest = dest_name(overlay.dest, where=where)
+    seen_inodes: dict[tuple[int, int], bytes] = {}
+    uid, gid = overlay.uid, overlay.gid
+
+    def mode_for(rel: str, default: int) -> tuple[int, bool]:
+        for pattern, mode in overlay.modes:
+            if fnmatch.fnmatchcase(rel, pattern):
+                return mode, True
+        return default, False
+
+    def visit(directory: Path, rel: str) -> None:
+        try:
+            names = sorted(os.listdir(directory), key=os.fsencode)
+        except OSError as e:
+            raise UserError(f"{directory}: cannot read overlay directory: {e.strerror}") from None
+        for n in names:
+            path = directory / n
+            r = f"{rel}/{n}" if rel else n
+            name = _join(dest, os.fsencode(r))
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                mode, explicit = mode_for(r, 0o755)
+                plan.add(Item(Member(name, DIR, mode, uid=uid, gid=gid), weak=not explicit))
+                visit(path, r)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.fsencode(os.readlink(path))
+                plan.add(Item(Member(name, SYM, 0o777, linkname=target, uid=uid, gid=gid)))
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1 and (st.st_dev, st.st_ino) in seen_inodes:
+                    plan.add(Item(Member(name, LNK, 0o644, linkname=seen_inodes[
+                        (st.st_dev, st.st_ino)], uid=uid, gid=gid)))
+                    continue
+                seen_inodes[(st.st_dev, st.st_ino)] = name
+                default = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+                mode, _ = mode_for(r, default)
+                digest = _sha256_path(path)
+                plan.inputs[str(path)] = digest
+                plan.add(Item(Member(name, REG, mode, size=st.st_size, uid=uid, gid=gid),
+                              path=path, digest=digest))
+            elif stat.S_ISFIFO(st.st_mode):
+                mode, _ = mode_for(r, 0o644)
+                plan.add(Item(Member(name, FIFO, mode, uid=uid, gid=gid)))
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                mode, _ = mode_for(r, stat.S_IMODE(st.st_mode))
+                kind = CHR if stat.S_ISCHR(st.st_mode) else BLK
+                plan.add(Item(Member(name, kind, mode, devmajor=os.major(st.st_rdev),
+                                     devminor=os.minor(st.st_rdev), uid=uid, gid=gid)))
+            else:
+                raise UserError(f"{path}: sockets and other special files cannot go into "
+                                "a rootfs", hint="remove it from the overlay")
+
+    visit(src, "")
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# element content
+
+
+class _Template(string.Template):
+    idpattern = r"[a-z][a-z0-9_]*"
+
+
+def template_values(params: dict[str, Any]) -> dict[str, str]:
+    """${name} is the validated value; ${name_q} the same, shell-quoted."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        text = "" if v is None else (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        out[k] = text
+        out[f"{k}_q"] = shlex.quote(text)
+    return out
+
+
+def _element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
+    """An element item's source: '@param' names a file param, else a path
+    inside the element directory."""
+    if src.startswith("@"):
+        pname = src[1:]
+        spec = es.specs.get(pname)
+        if spec is None or spec.type not in ("file", "dir"):
+            raise UserError(f"{src}: no file or dir param named {pname}", where=where)
+        value = es.params.get(pname)
+        if value is None:
+            raise UserError(f"params.{pname} is not set but {el.name} needs it",
+                            where=where, hint=f"set it in the recipe: params: {{{pname}: ...}}")
+        return Path(value)
+    path = (el.path / src).resolve()
+    if not path.is_relative_to(el.path.resolve()):
+        raise UserError(f"{src}: element sources must stay inside the element directory",
+                        where=where)
+    return path
+
+
+def _owner(item: dict[str, Any]) -> dict[str, Any]:
+    return {"uid": item.get("uid", 0), "gid": item.get("gid", 0)}
+
+
+def plan_element(el: Element, es: ElementSet) -> FilePlan:
+    plan = FilePlan("element", f"element {el.name}")
+    spec = el.spec
+    params = es.params
+
+    def mode(item: dict[str, Any], default: int, key: tuple[str | int, ...]) -> int:
+        try:
+            return values.check_mode(item.get("mode", default))
+        except ValueError as e:
+            raise UserError(f"{el.name}: {key[0]}[{key[1]}].mode: {e}",
+                            where=el.where(*key)) from None
+
+    for i, item in enumerate(spec.get("dirs", [])):
+        if condition_holds(item.get("when"), params):
+            name = dest_name(item["path"], where=el.where("dirs", i))
+            explicit = "mode" in item or "uid" in item or "gid" in item
+            plan.add(Item(Member(name, DIR, mode(item, 0o755, ("dirs", i)), **_owner(item)),
+                          weak=not explicit))
+    for i, item in enumerate(spec.get("symlinks", [])):
+        if condition_holds(item.get("when"), params):
+            name = dest_name(item["path"], where=el.where("symlinks", i))
+            plan.add(Item(Member(name, SYM, 0o777, linkname=os.fsencode(item["target"]),
+                                 **_owner(item))))
+    for i, item in enumerate(spec.get("files", [])):
+        if not condition_holds(item.get("when"), params):
+            continue
+        where = el.where("files", i)
+        src = _element_source(el, item["src"], es, where)
+        if not src.is_file():
+            raise UserError(f"{src}: file not found (files[{i}] of element {el.name})",
+                            where=where)
+        digest = _sha256_path(src)
+        plan.inputs[str(src)] = digest
+        plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
+                             mode(item, 0o644, ("files", i)), size=src.stat().st_size,
+                             **_owner(item)), path=src, digest=digest))
+    for i, item in enumerate(spec.get("templates", [])):
+        if not condition_holds(item.get("when"), params):
+            continue
+        where = el.where("templates", i)
+        src = _element_source(el, item["src"], es, where)
+        try:
+            text = src.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{src}: cannot read template: {e}", where=where) from None
+        try:
+            data = _Template(text).substitute(template_values(params)).encode()
+        except KeyError as e:
+            raise UserError(f"{src}: template uses ${{{e.args[0]}}}, which is not a param",
+                            where=where) from None
+        except ValueError as e:
+            raise UserError(f"{src}: bad template placeholder: {e}", where=where) from None
+        digest = hashlib.sha256(data).hexdigest()
+        plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
+                             mode(item, 0o644, ("templates", i)), size=len(data),
+                             **_owner(item)), data=data, digest=digest))
+    for i, item in enumerate(spec.get("trees", [])):
+        if not condition_holds(item.get("when"), params):
+            continue
+        where = el.where("trees", i)
+        src = _element_source(el, item["src"], es, where)
+        sub = plan_overlay(Overlay(source=src, dest=item["dest"], uid=item.get("uid", 0),
+                                   gid=item.get("gid", 0)), i, where)
+        plan.items += sub.items
+        plan.inputs.update(sub.inputs)
+    for i, path in enumerate(spec.get("deletions", [])):
+        plan.deletions.append(dest_name(path, where=el.where("deletions", i)))
+    return plan

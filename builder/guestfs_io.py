@@ -1,0 +1,533 @@
+"""The libguestfs boundary: the only module that talks to the appliance.
+
+Launch policy: the direct backend, with KVM when it works.  When a launch
+fails and TCG was not forced already, it is retried once with TCG and one
+warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
+launches in the same process go straight to TCG.
+
+Every call runs on a worker thread so the main thread stays free to take
+SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from . import elfinfo, ui
+from .errors import UserError
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
+DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
+
+# Appliance launches in this process (the build summary and the tests read it).
+launches = 0
+_tcg_only = False
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class ApplianceError(UserError):
+    """The appliance could not do what was asked."""
+
+
+def _guestfs_module() -> Any:
+    try:
+        import guestfs
+    except ImportError:
+        raise UserError("the libguestfs Python binding is missing",
+                        hint="install python3-guestfs and use a venv made with "
+                             "--system-site-packages (./setup.sh does both)") from None
+    return guestfs
+
+
+def _tcg_forced_by_env() -> bool:
+    return "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":")
+
+
+def _launch_hint() -> str:
+    if not glob.glob("/boot/vmlinuz-*"):
+        return ("supermin needs a kernel in /boot: install linux-image-amd64 "
+                "(./setup.sh does)")
+    return "run libguestfs-test-tool to see why; LIBGUESTFS_DEBUG=1 shows the appliance log"
+
+
+def image_format(path: Path) -> str:
+    """'qcow2' or 'raw', from the file's magic; refuses qcow2 features that
+    would let an image make the appliance read host files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(104)
+            if head[:4] != QCOW2_MAGIC:
+                return "raw"
+            if len(head) < 72:
+                raise UserError(f"{path}: truncated qcow2 header",
+                                hint="the image file is damaged; download it again")
+            version = int.from_bytes(head[4:8], "big")
+            backing_offset = int.from_bytes(head[8:16], "big")
+            if backing_offset:
+                raise UserError(f"{path}: qcow2 image has a backing file",
+                                hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
+            if version >= 3 and len(head) >= 104:
+                header_length = int.from_bytes(head[100:104], "big")
+                f.seek(header_length)
+                while True:
+                    ext = f.read(8)
+                    if len(ext) < 8:
+                        break
+                    kind = int.from_bytes(ext[:4], "big")
+                    length = int.from_bytes(ext[4:], "big")
+                    if kind == 0:
+                        break
+                    if kind == 0x44415441:  # external data file
+                        raise UserError(f"{path}: qcow2 image uses an external data file",
+                                        hint="convert it to a self-contained image first")
+                    f.seek((length + 7) & ~7, os.SEEK_CUR)
+            return "qcow2"
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the image: {e.strerror}") from None
+
+
+@dataclasses.dataclass
+class BaseInfo:
+    """What inspection found in the base image."""
+
+    root: str
+    mountpoints: dict[str, str]
+    os_release: dict[str, str]
+    arch: str
+    filesystems: dict[str, str]
+    used_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Appliance:
+    """One libguestfs handle with its drives; use as a context manager."""
+
+    def __init__(self, label: str, *, smp: int = DEFAULT_SMP, memsize: int | None = None,
+                 timeout: float | None = None):
+        self.label = label
+        self.smp = smp
+        self.memsize = memsize
+        self.timeout = timeout or DEFAULT_TIMEOUT
+        self._drives: list[tuple[str, dict[str, Any]]] = []
+        self.g: Any = None
+        self._progress = time.monotonic()
+        self._killed_for: str | None = None
+        self._pid = 0  # qemu's pid: the handle is locked during a call, so ask once
+
+    # -- life cycle -----------------------------------------------------
+    def add_drive(self, path: Path | str, *, fmt: str, readonly: bool = True,
+                  label: str | None = None) -> None:
+        opts: dict[str, Any] = {"format": fmt, "readonly": readonly}
+        if label:
+            opts["label"] = label
+        self._drives.append((str(path), opts))
+
+    def _new_handle(self, tcg: bool) -> Any:
+        guestfs = _guestfs_module()
+        g = guestfs.GuestFS(python_return_dict=True)
+        if tcg:
+            g.set_backend_settings(["force_tcg"])
+        g.set_smp(self.smp)
+        if self.memsize:
+            g.set_memsize(self.memsize)
+        for path, opts in self._drives:
+            g.add_drive_opts(path, **opts)
+        return g
+
+    def _launch_quietly(self) -> None:
+        """launch(), with libguestfs' own stderr chatter kept out of the user's
+        way (shown with -v)."""
+        global launches
+        launches += 1
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                self.call("launch")
+                self._pid = self.g.get_pid()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                if ui.verbose():
+                    log.seek(0)
+                    sys.stderr.write(log.read().decode("utf-8", "replace"))
+
+    def launch(self) -> None:
+        global _tcg_only
+        tcg = _tcg_only or _tcg_forced_by_env()
+        ui.step(f"starting the appliance for {self.label}")
+        self.g = self._new_handle(tcg)
+        try:
+            self._launch_quietly()
+            return
+        except ApplianceError as first:
+            self._close_handle()
+            if tcg:
+                raise ApplianceError(f"{self.label}: the libguestfs appliance did not start: "
+                                     f"{first.message}", hint=_launch_hint()) from None
+        ui.warn("the appliance failed to start with KVM; using TCG (software emulation, "
+                "slower)", once_key="tcg")
+        _tcg_only = True
+        self.g = self._new_handle(True)
+        try:
+            self._launch_quietly()
+        except ApplianceError as second:
+            self._close_handle()
+            raise ApplianceError(f"{self.label}: the libguestfs appliance did not start "
+                                 f"(KVM and TCG): {second.message}",
+                                 hint=_launch_hint()) from None
+
+    def __enter__(self) -> Appliance:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(shutdown=exc[0] is None)
+
+    def close(self, *, shutdown: bool = True) -> None:
+        if self.g is None:
+            return
+        if shutdown and self._killed_for is None:
+            with contextlib.suppress(ApplianceError):
+                self.call("shutdown", timeout=120)
+        else:
+            self.kill("closing")
+        self._close_handle()
+
+    def _close_handle(self) -> None:
+        if self.g is not None:
+            # closing a dead handle must not mask the error that killed it
+            with contextlib.suppress(Exception):
+                self.g.close()
+            self.g = None
+
+    def kill(self, why: str) -> None:
+        """Kill qemu so a blocked call returns at once."""
+        self._killed_for = self._killed_for or why
+        if self._pid <= 0:
+            self._pid = _qemu_child()
+        if self._pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+
+    # -- calls ------------------------------------------------------------
+    def touch(self) -> None:
+        """Note progress (resets the timeout)."""
+        self._progress = time.monotonic()
+
+    def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run g.<name>(*args, **kwargs) on a worker thread with a timeout."""
+        fn = getattr(self.g, name)
+        return self._run(lambda: fn(*args, **kwargs), name, timeout)
+
+    def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
+        limit = timeout or self.timeout
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                result["error"] = e
+
+        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
+        self.touch()
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.2)
+                if time.monotonic() - self._progress > limit:
+                    self.kill(f"timeout in {name}")
+                    worker.join(30)
+                    raise ApplianceError(
+                        f"{self.label}: appliance call {name} made no progress for "
+                        f"{limit:.0f} s and was stopped",
+                        hint="raise it with --appliance-timeout SECONDS if the step is slow")
+        except BaseException:
+            if worker.is_alive():
+                self.kill(f"interrupted in {name}")
+                worker.join(30)
+            raise
+        if "error" in result:
+            err = result["error"]
+            if isinstance(err, RuntimeError):
+                msg = str(err).splitlines()[0] if str(err) else name
+                raise ApplianceError(f"{self.label}: {name}: {msg}") from None
+            raise err
+        return result["value"]
+
+    def stream_out(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   consume: Callable[[BinaryIO], T]) -> T:
+        """Run a FileOut call (tar_out, download...) into a pipe that `consume`
+        reads on this thread as the appliance writes it."""
+        r, w = os.pipe()
+        fn = getattr(self.g, name)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                fn(*args, f"/dev/fd/{w}", **kwargs) if args else fn(f"/dev/fd/{w}", **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = e
+            finally:
+                os.close(w)
+
+        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
+        stop = threading.Event()
+        limit = self.timeout
+
+        def watchdog() -> None:
+            while not stop.wait(1.0):
+                if time.monotonic() - self._progress > limit:
+                    self.kill(f"timeout in {name}")
+                    return
+
+        self.touch()
+        worker.start()
+        dog = threading.Thread(target=watchdog, daemon=True)
+        dog.start()
+        reader = _ProgressReader(os.fdopen(r, "rb", buffering=1 << 20), self.touch)
+        try:
+            try:
+                value = consume(reader)  # type: ignore[arg-type]
+                while reader.read(1 << 20):
+                    pass
+            except BaseException as consume_error:
+                # Did the appliance fail first (the stream then ends early)?
+                worker.join(0.5)
+                appliance_failed = "error" in outcome
+                self.kill(f"interrupted in {name}")
+                worker.join(30)
+                if self._killed_for and self._killed_for.startswith("timeout"):
+                    raise ApplianceError(
+                        f"{self.label}: appliance call {name} made no progress for "
+                        f"{limit:.0f} s and was stopped",
+                        hint="raise it with --appliance-timeout SECONDS") from None
+                if appliance_failed and isinstance(consume_error, UserError):
+                    err = outcome["error"]
+                    raise ApplianceError(f"{self.label}: {name}: "
+                                         f"{str(err).splitlines()[0]}") from None
+                raise
+            worker.join()
+        finally:
+            stop.set()
+            reader.close()
+        if "error" in outcome:
+            err = outcome["error"]
+            raise ApplianceError(f"{self.label}: {name}: {str(err).splitlines()[0]}") from None
+        return value
+
+    # -- inspection -----------------------------------------------------------
+    def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:
+        """Find the root filesystem, mount it and its mount points read-only."""
+        filesystems = self.call("list_filesystems")
+        roots = self.call("inspect_os")
+        if not roots:
+            raise UserError(f"{image}: no operating system found in the image",
+                            hint="libguestfs found no Linux root filesystem; is it the "
+                                 "right image?")
+        if len(roots) > 1:
+            raise UserError(f"{image}: more than one operating system found "
+                            f"({', '.join(roots)})", hint="use an image with one root")
+        root = roots[0]
+        mountpoints = dict(self.call("inspect_get_mountpoints", root))
+        if mount:
+            for mp in sorted(mountpoints, key=lambda p: (p.count("/"), p)):
+                try:
+                    self.call("mount_ro", mountpoints[mp], mp)
+                except ApplianceError as e:
+                    if mp == "/":
+                        raise
+                    ui.warn(f"{image}: {mp} ({mountpoints[mp]}) not mounted: {e.message}")
+                    del mountpoints[mp]
+        else:
+            self.call("mount_ro", root, "/")
+        os_release = parse_os_release(self._read_guest_text("/etc/os-release")
+                                      or self._read_guest_text("/usr/lib/os-release") or "")
+        arch = self.call("inspect_get_arch", root)
+        if arch in ("unknown", ""):
+            arch = self._elf_arch() or "unknown"
+        used = 0
+        for mp in mountpoints:
+            try:
+                st = self.call("statvfs", mp)
+                used += (st["blocks"] - st["bfree"]) * st["frsize"]
+            except ApplianceError:
+                pass
+        return BaseInfo(root=root, mountpoints=mountpoints, os_release=os_release,
+                        arch=elfinfo.normalize_arch(arch), filesystems=dict(filesystems),
+                        used_bytes=used)
+
+    def guest_realpath(self, path: str) -> str | None:
+        """Resolve symlinks inside the guest tree (confined to it); None if missing."""
+        todo = [p for p in reversed(path.split("/")) if p]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            part = todo.pop()
+            if part == ".":
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            candidate = "/" + "/".join([*done, part])
+            try:
+                st = self.call("lstatns", candidate)
+            except ApplianceError:
+                return None
+            if st["st_mode"] & 0o170000 == 0o120000:
+                hops += 1
+                if hops > 40:
+                    return None
+                target = self.call("readlink", candidate)
+                if target.startswith("/"):
+                    done = []
+                todo.extend(p for p in reversed(target.split("/")) if p)
+                continue
+            done.append(part)
+        return "/" + "/".join(done)
+
+    def _read_guest_text(self, path: str, limit: int = 65536) -> str | None:
+        real = self.guest_realpath(path)
+        if real is None or not self.call("is_file", real):
+            return None
+        if self.call("filesize", real) > limit:
+            return None
+        return bytes(self.call("read_file", real)).decode("utf-8", "replace")
+
+    def _elf_arch(self) -> str | None:
+        for candidate in ("/usr/bin/bash", "/usr/bin/sh", "/usr/bin/ls", "/usr/bin/busybox",
+                          "/usr/lib/systemd/systemd", "/sbin/init"):
+            real = self.guest_realpath(candidate)
+            if real is None or not self.call("is_file", real):
+                continue
+            arch = elfinfo.machine_of_header(bytes(self.call("pread", real, 20, 0)))
+            if arch:
+                return arch
+        return None
+
+    # -- extraction ----------------------------------------------------------
+    def tar_out(self, directory: str, consume: Callable[[BinaryIO], T]) -> T:
+        """Stream the tree at `directory` (numeric owners, xattrs, SELinux
+        labels, ACLs) to `consume`."""
+        return self.stream_out("tar_out", (directory,),
+                               {"numericowner": True, "xattrs": True, "selinux": True,
+                                "acls": True}, consume)
+
+
+def _qemu_child() -> int:
+    """The qemu process libguestfs started (our child), found without the
+    handle, which a running call keeps locked."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and comm.startswith("qemu"):
+            return int(entry)
+    return 0
+
+
+class _ProgressReader:
+    def __init__(self, f: BinaryIO, tick: Callable[[], None]):
+        self.f = f
+        self.tick = tick
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.tick()
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """KEY=value lines of os-release(5), unquoted; nothing is evaluated."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        if not key.isidentifier():
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+            if line.partition("=")[2].strip()[0] == '"':
+                value = (value.replace('\\"', '"').replace("\\$", "$")
+                         .replace("\\`", "`").replace("\\\\", "\\"))
+        out[key] = value
+    return out
+
+
+# -- writing disk images (demo inputs, test fixtures) ------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    mountpoint: str
+    size_mib: int | None      # None: the rest of the disk
+    fstype: str = "ext4"
+
+
+def make_disk_image(path: Path, *, fmt: str, size_mib: int, partitions: list[Partition],
+                    trees: dict[str, Path], label: str = "image") -> None:
+    """Create an MBR disk image with `partitions`, each filled from a tar in
+    `trees` (mountpoint -> tar path).  Written to a temporary name, then
+    renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    guestfs = _guestfs_module()
+    try:
+        g = guestfs.GuestFS(python_return_dict=True)
+        g.disk_create(str(tmp), fmt, size_mib << 20)
+        g.close()
+        app = Appliance(label)
+        app.add_drive(tmp, fmt=fmt, readonly=False)
+        with app:
+            app.call("part_init", "/dev/sda", "mbr")
+            start = 2048
+            total_sectors = (size_mib << 20) // 512
+            devices = []
+            for i, part in enumerate(partitions, start=1):
+                end = (start + part.size_mib * 2048 - 1 if part.size_mib
+                       else total_sectors - 2048)
+                app.call("part_add", "/dev/sda", "p", start, end)
+                dev = f"/dev/sda{i}"
+                app.call("mkfs", part.fstype, dev)
+                devices.append((part.mountpoint, dev))
+                start = end + 1
+            for mountpoint, dev in sorted(devices, key=lambda d: (d[0] != "/", d[0])):
+                if mountpoint != "/":
+                    app.call("mkdir_p", mountpoint)
+                app.call("mount", dev, mountpoint)
+            for mountpoint in sorted(trees, key=lambda m: (m != "/", m)):
+                app.call("tar_in", str(trees[mountpoint]), mountpoint, xattrs=True,
+                         selinux=True, acls=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

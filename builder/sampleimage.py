@@ -1,0 +1,186 @@
+"""openEuler-shaped sample images, for the demo and the test suite.
+
+The image has the layout of the openEuler 22.03 LTS qcow2: an MBR disk,
+p1 = /boot (ext4), p2 = / (ext4, usr-merged), openEuler's os-release, and
+a working bash (copied from the build host with the libraries it needs)
+so steps can run inside it.  With `fidelity=True` it also holds every
+case the output must carry unchanged: all file types, setuid/setgid/sticky
+modes, owners with no passwd entry, large uids, hard links across
+directories, devices, fifos, sparse files, xattrs (security.selinux,
+security.capability, user.*, trusted.*), an ACL, long, non-ASCII and
+non-UTF-8 names, relative, absolute and dangling symlinks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+from . import guestfs_io, tarfmt
+from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
+
+MTIME = 1650000000  # files get fixed times, so only mkfs-made dirs carry "now"
+
+OS_RELEASE = b"""NAME="openEuler"
+VERSION="22.03 LTS"
+ID="openEuler"
+VERSION_ID="22.03"
+PRETTY_NAME="openEuler 22.03 LTS"
+ANSI_COLOR="0;31"
+"""
+
+HOST_TOOLS = ("bash", "env", "cat", "ls", "mkdir", "touch", "rm", "sleep", "id")
+
+SPARSE_SIZE = 48 << 20
+SPARSE_DATA = [(4 << 20, b"middle"), (SPARSE_SIZE - 5, b"tail\n")]
+
+
+class _TarBuilder:
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.names: set[bytes] = set()
+
+    def _parents(self, name: bytes) -> None:
+        parts = name.split(b"/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = b"/".join(parts[:i])
+            if d not in self.names:
+                self.add(Member(d, DIR, 0o755, mtime=MTIME))
+
+    def add(self, m: Member, data: bytes = b"") -> None:
+        self._parents(m.name)
+        self.names.add(m.name)
+        if m.type == REG and m.sparse is None:
+            m.size = len(data)
+        tarfmt.write_member(self.buf, m, io.BytesIO(data))
+
+    def file(self, name: str | bytes, data: bytes, mode: int = 0o644, **kw: object) -> None:
+        n = name if isinstance(name, bytes) else name.encode()
+        self.add(Member(n, REG, mode, mtime=MTIME, **kw), data)  # type: ignore[arg-type]
+
+    def getvalue(self) -> bytes:
+        return self.buf.getvalue() + tarfmt.END_OF_ARCHIVE
+
+
+def _host_libs(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs.append(parts[2])
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])
+    return libs
+
+
+def root_tree(*, fidelity: bool) -> bytes:
+    """The tar of the root filesystem."""
+    t = _TarBuilder()
+    for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/libexec", "etc", "var/lib",
+              "var/run", "var/cache", "var/log", "home", "root", "tmp", "boot", "dev", "proc",
+              "sys", "run", "mnt", "opt"):
+        mode = 0o1777 if d == "tmp" else 0o555 if d in ("proc", "sys") else 0o755
+        t.add(Member(d.encode(), DIR, mode, mtime=MTIME))
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
+                         ("lib64", "usr/lib64")):
+        t.add(Member(link.encode(), SYM, 0o777, mtime=MTIME, linkname=target.encode()))
+    t.file("etc/os-release", OS_RELEASE)
+    t.file("etc/fstab", b"/dev/sda2 / ext4 defaults 0 1\n/dev/sda1 /boot ext4 defaults 0 2\n")
+    t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n")
+    t.file("etc/group", b"root:x:0:\n")
+    t.file("etc/hostname", b"openeuler-demo\n")
+    copied: set[str] = set()
+    for tool in HOST_TOOLS:
+        host = f"/usr/bin/{tool}"
+        if not os.path.exists(host):
+            continue
+        real = os.path.realpath(host)
+        if os.path.basename(real) != tool:
+            t.add(Member(f"usr/bin/{tool}".encode(), SYM, 0o777, mtime=MTIME,
+                         linkname=os.path.basename(real).encode()))
+            continue
+        with open(real, "rb") as f:
+            t.file(f"usr/bin/{tool}", f.read(), 0o755)
+        for lib in _host_libs(real):
+            if lib in copied:
+                continue
+            copied.add(lib)
+            # Keep the host's path, inside the usr-merged tree.
+            target = lib[1:] if lib.startswith("/usr/") else "usr" + lib
+            with open(os.path.realpath(lib), "rb") as f:
+                t.file(target, f.read(), 0o755)
+    t.add(Member(b"usr/bin/sh", SYM, 0o777, mtime=MTIME, linkname=b"bash"))
+    if fidelity:
+        _fidelity_cases(t)
+    return t.getvalue()
+
+
+def _fidelity_cases(t: _TarBuilder) -> None:
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
+    t.file("usr/bin/ping-like", b"\x7fELF-not-really\n", 0o4755,
+           xattrs={b"security.capability": cap,
+                   b"security.selinux": b"system_u:object_r:ping_exec_t:s0\0"})
+    t.file("usr/bin/setgid-tool", b"sg\n", 0o2711, gid=5)
+    t.add(Member(b"srv", DIR, 0o755, mtime=MTIME))
+    t.add(Member(b"srv/sticky", DIR, 0o1777, mtime=MTIME))
+    t.add(Member(b"srv/empty", DIR, 0o700, uid=1000, gid=1000, mtime=MTIME))
+    t.file("srv/owned-by-nobody-known", b"uid without passwd entry\n", 0o640, uid=12345,
+           gid=54321)
+    t.file("srv/huge-uid", b"uid beyond ustar octal\n", 0o600, uid=4000000, gid=4000001)
+    t.file("srv/xattrs", b"xattrs\n", 0o644,
+           xattrs={b"user.comment": b"hello", b"user.binary": bytes(range(0, 256, 7)),
+                   b"trusted.overlay.test": b"y",
+                   b"security.selinux": b"system_u:object_r:etc_t:s0\0"})
+    t.file("srv/acl", b"acl\n", 0o640,
+           extra={b"SCHILY.acl.access": b"user::rw-,user:1000:r--,group::r--,mask::r--,"
+                                        b"other::---"})
+    # hard links whose walk order and sorted order differ
+    t.file("srv/links/b-first", b"shared inode\n", 0o644)
+    t.add(Member(b"srv/a-link", LNK, 0o644, mtime=MTIME, linkname=b"srv/links/b-first"))
+    t.add(Member(b"srv/links/z-link", LNK, 0o644, mtime=MTIME, linkname=b"srv/links/b-first"))
+    t.add(Member(b"srv/rel-link", SYM, 0o777, mtime=MTIME, linkname=b"links/b-first"))
+    t.add(Member(b"srv/abs-link", SYM, 0o777, mtime=MTIME, linkname=b"/etc/os-release"))
+    t.add(Member(b"srv/dangling", SYM, 0o777, mtime=MTIME, linkname=b"/no/such/file"))
+    t.add(Member(b"srv/dev", DIR, 0o755, mtime=MTIME))
+    t.add(Member(b"srv/dev/null", CHR, 0o666, mtime=MTIME, devmajor=1, devminor=3))
+    t.add(Member(b"srv/dev/sda9", BLK, 0o660, gid=6, mtime=MTIME, devmajor=8, devminor=9))
+    t.add(Member(b"srv/dev/fifo", FIFO, 0o620, mtime=MTIME))
+    long_dir = "d" * 120
+    t.file(f"srv/{long_dir}/{'f' * 200}", b"long name\n")
+    t.file("srv/ünïcødé-名前", b"utf-8 name\n")
+    t.file(b"srv/latin1-\xe9\xff", b"not utf-8 name\n")
+    t.file("srv/space and 'quote' \"dq\"", b"odd chars\n")
+    segments = [(off, len(data)) for off, data in SPARSE_DATA]
+    t.add(Member(b"srv/sparse", REG, 0o644, size=SPARSE_SIZE, mtime=MTIME, sparse=segments),
+          b"".join(data for _, data in SPARSE_DATA))
+    t.file("srv/empty-file", b"", 0o444)
+
+
+def boot_tree() -> bytes:
+    t = _TarBuilder()
+    t.file("vmlinuz-5.10.0-60.18.0.50.oe2203.x86_64", b"not a kernel\n", 0o755)
+    t.add(Member(b"grub2", DIR, 0o700, mtime=MTIME))
+    t.file("grub2/grub.cfg", b"# demo\n", 0o600)
+    return t.getvalue()
+
+
+def make(path: Path, *, fidelity: bool = False, fmt: str = "qcow2") -> None:
+    """Write an openEuler-shaped disk image to `path` (atomically)."""
+    work = path.parent / f".{path.name}.trees-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        root_tar = work / "root.tar"
+        boot_tar = work / "boot.tar"
+        root_tar.write_bytes(root_tree(fidelity=fidelity))
+        boot_tar.write_bytes(boot_tree())
+        guestfs_io.make_disk_image(
+            path, fmt=fmt, size_mib=256,
+            partitions=[guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
+            trees={"/": root_tar, "/boot": boot_tar}, label=f"sample image {path.name}")
+    finally:
+        for p in work.iterdir():
+            p.unlink()
+        work.rmdir()
