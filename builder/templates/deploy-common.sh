@@ -1,0 +1,344 @@
+# ---------------------------------------------------------------------------
+# Common part of the DPU scripts (builder/templates/deploy-common.sh).
+# Values above were validated and quoted by rootfs-build; offload.conf is
+# parsed below as KEY=VALUE lines (never sourced) and validated again.
+# ---------------------------------------------------------------------------
+# (one block: not every script uses every function or variable of it)
+# shellcheck disable=SC2034,SC2317
+{
+PROG=${0##*/}
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+export LC_ALL=C
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+umask 022
+
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+# A value as it may be shown in a message: control characters replaced.
+shown() { printf "'%s'" "${1//[[:cntrl:]]/?}"; }
+one_line() {
+    local s=${1//$'\n'/; }
+    s=${s//[[:cntrl:]]/ }
+    while [[ $s == *"  "* ]]; do s=${s//  / }; done
+    printf '%s' "$s"
+}
+
+# --- value checks (the same rules as builder/values.py) ---------------------
+PATH_RE='^/[A-Za-z0-9._+@%=:,/-]*$'
+is_path() { [[ $1 =~ $PATH_RE && "$1/" != *"/../"* ]]; }
+is_port() { [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
+is_level() { [[ $1 =~ ^(NONE|ERROR|WARN|INFO|DEBUG)$ ]]; }
+is_kernel() { [[ $1 =~ ^[A-Za-z0-9._+~-]+$ ]]; }
+is_ipv4() {
+    local o
+    local -a parts
+    [[ $1 =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || return 1
+    IFS=. read -r -a parts <<<"$1"
+    for o in "${parts[@]}"; do
+        [[ $o == 0 || $o != 0* ]] || return 1
+        ((10#$o <= 255)) || return 1
+    done
+}
+is_ipv6() {
+    local s=$1 last head g n=0
+    local -a groups
+    [[ $s =~ ^[0-9A-Fa-f:.]{2,45}$ && $s == *:* && $s != *:::* ]] || return 1
+    [[ ${s#*::} != *::* ]] || return 1
+    last=${s##*:} head=${s%:*}
+    if [[ $last == *.* ]]; then is_ipv4 "$last" || return 1
+    else [[ $last =~ ^[0-9A-Fa-f]{0,4}$ ]] || return 1; fi
+    IFS=: read -r -a groups <<<"$head"
+    for g in "${groups[@]}"; do
+        [[ $g =~ ^[0-9A-Fa-f]{0,4}$ ]] || return 1
+        n=$((n + 1))
+    done
+    ((n <= 8))
+}
+is_ip() { is_ipv4 "$1" || is_ipv6 "$1"; }
+
+# --- offload.conf ------------------------------------------------------------
+CONF_KEYS="ROOTFS HOST_IP QTFS_SERVER_IP REXEC_PORT QMP_PORT QTFS_LOG_LEVEL QTFS_KO DPU_KERNEL"
+CFG_ROOTFS="" CFG_HOST_IP="" CFG_QTFS_SERVER_IP="" CFG_REXEC_PORT="" CFG_QMP_PORT=""
+CFG_QTFS_LOG_LEVEL="" CFG_QTFS_KO="" CFG_DPU_KERNEL=""
+
+# load_config FILE: strict KEY=VALUE lines; blank lines and '#' comments
+# allowed; one optional pair of surrounding quotes is stripped; every value is
+# checked, unknown or repeated keys are refused.  Errors are one line, exit 2.
+load_config() {
+    local file=$1 line key value n=0 at
+    local -A seen=()
+    [[ -f $file && -r $file ]] || die "config $(shown "$file") is not a readable file (see --config)"
+    while IFS= read -r line || [[ -n $line ]]; do
+        n=$((n + 1))
+        line=${line%$'\r'}
+        at="$file:$n"
+        [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
+        [[ $line =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] ||
+            die "$at: expected KEY=VALUE, got $(shown "$line")"
+        key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+        if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then value=${BASH_REMATCH[1]}; fi
+        [[ -z ${seen[$key]:-} ]] || die "$at: $key is set twice"
+        seen[$key]=1
+        case $key in
+        ROOTFS)
+            if ! is_path "$value" || [[ $value == / ]]; then
+                die "$at: ROOTFS: $(shown "$value") is not an absolute path of plain characters (not /)"
+            fi
+            CFG_ROOTFS=$value ;;
+        HOST_IP)
+            is_ip "$value" || die "$at: HOST_IP: $(shown "$value") is not an IP address"
+            CFG_HOST_IP=$value ;;
+        QTFS_SERVER_IP)
+            [[ -z $value ]] || is_ip "$value" ||
+                die "$at: QTFS_SERVER_IP: $(shown "$value") is not an IP address"
+            CFG_QTFS_SERVER_IP=$value ;;
+        REXEC_PORT)
+            is_port "$value" || die "$at: REXEC_PORT: $(shown "$value") is not a port number (1-65535)"
+            CFG_REXEC_PORT=$((10#$value)) ;;
+        QMP_PORT)
+            is_port "$value" || die "$at: QMP_PORT: $(shown "$value") is not a port number (1-65535)"
+            CFG_QMP_PORT=$((10#$value)) ;;
+        QTFS_LOG_LEVEL)
+            [[ -z $value ]] || is_level "$value" ||
+                die "$at: QTFS_LOG_LEVEL: $(shown "$value") is not one of NONE ERROR WARN INFO DEBUG"
+            CFG_QTFS_LOG_LEVEL=$value ;;
+        QTFS_KO)
+            [[ -z $value ]] || is_path "$value" ||
+                die "$at: QTFS_KO: $(shown "$value") is not an absolute path of plain characters"
+            CFG_QTFS_KO=$value ;;
+        DPU_KERNEL)
+            [[ -z $value ]] || is_kernel "$value" ||
+                die "$at: DPU_KERNEL: $(shown "$value") is not a kernel release (uname -r)"
+            CFG_DPU_KERNEL=$value ;;
+        *) die "$at: unknown key $key (known: $CONF_KEYS)" ;;
+        esac
+    done <"$file"
+    for key in ROOTFS HOST_IP REXEC_PORT QMP_PORT; do
+        [[ -n ${seen[$key]:-} ]] || die "$file: $key is missing"
+    done
+    CFG_QTFS_SERVER_IP=${CFG_QTFS_SERVER_IP:-$CFG_HOST_IP}
+    CFG_QTFS_LOG_LEVEL=${CFG_QTFS_LOG_LEVEL:-INFO}
+}
+
+# --- options shared by the scripts -------------------------------------------
+ROOT_ARG="" CONFIG=$SCRIPT_DIR/offload.conf DRY_RUN=0 REHEARSE="" ROOT_MISSING_OK=0
+# parse_args ALLOWED "$@": ALLOWED lists the optional options (dry-run rehearse)
+parse_args() {
+    local allowed=" $1 "
+    shift
+    while (($#)); do
+        case $1 in
+        -h | --help) usage; exit 0 ;;
+        --root | --config | --rehearse)
+            (($# >= 2)) || die "$1 needs a value (see --help)"
+            set -- "$1=$2" "${@:3}"
+            continue ;;
+        --root=*) ROOT_ARG=${1#*=} ;;
+        --config=*) CONFIG=${1#*=} ;;
+        --dry-run)
+            [[ $allowed == *" dry-run "* ]] || die "--dry-run is not an option of $PROG"
+            DRY_RUN=1 ;;
+        --rehearse=*)
+            [[ $allowed == *" rehearse "* ]] || die "--rehearse is not an option of $PROG"
+            REHEARSE=${1#*=}
+            [[ -n $REHEARSE ]] || die "--rehearse needs a directory" ;;
+        *) die "unknown argument $(shown "$1") (see --help)" ;;
+        esac
+        shift
+    done
+}
+
+absolute() { if [[ $1 == /* ]]; then REPLY=$1; else REPLY=$PWD/$1; fi; }
+
+# setup_root: ROOT = canonical rootfs directory (--root or ROOTFS); a missing
+# one is an error unless ROOT_MISSING_OK=1.
+setup_root() {
+    local raw=${ROOT_ARG:-$CFG_ROOTFS}
+    absolute "$raw"
+    raw=$REPLY
+    is_path "$raw" || die "rootfs $(shown "$raw") is not an absolute path of plain characters"
+    if [[ ! -d $raw ]]; then
+        [[ $ROOT_MISSING_OK == 1 ]] || die "rootfs $raw is not a directory (see --root / ROOTFS)"
+        ROOT=$raw
+        return 0
+    fi
+    ROOT=$(realpath -e -- "$raw") || die "cannot resolve $raw"
+    is_path "$ROOT" || die "rootfs $(shown "$ROOT") is not a path of plain characters"
+    [[ $ROOT != / ]] || die "the rootfs cannot be / (see --root / ROOTFS)"
+}
+
+setup_rehearse() {
+    [[ -n $REHEARSE ]] || return 0
+    absolute "$REHEARSE"
+    HOSTDIR=$(realpath -m -- "$REPLY")
+    if ! is_path "$HOSTDIR" || [[ $HOSTDIR == / ]]; then
+        die "--rehearse $(shown "$REHEARSE") is not a directory path of plain characters (not /)"
+    fi
+    [[ $HOSTDIR != "$ROOT" && $HOSTDIR != "$ROOT"/* ]] ||
+        die "--rehearse directory $HOSTDIR must lie outside the rootfs $ROOT"
+}
+
+need_root() {
+    [[ $DRY_RUN == 1 || $EUID -eq 0 ]] || die "must run as root (or with --dry-run)"
+}
+
+# run CMD...: run it, or print it with --dry-run.
+run() {
+    if [[ $DRY_RUN == 1 ]]; then
+        printf '%s: would run:' "$PROG"
+        printf ' %q' "$@"
+        printf '\n'
+        return 0
+    fi
+    "$@"
+}
+
+# --- the mount table as the kernel sees it ------------------------------------
+MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=()
+read_mountinfo() {
+    MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=()
+    local id parent _dev _root mp rest fstype
+    while read -r id parent _dev _root mp rest; do
+        fstype=${rest#* - }
+        fstype=${fstype%% *}
+        mp=${mp//\\040/ }
+        mp=${mp//\\011/$'\t'}
+        mp=${mp//\\012/$'\n'}
+        mp=${mp//\\134/\\}
+        MI_ID+=("$id") MI_PARENT+=("$parent") MI_PATH+=("$mp") MI_FSTYPE+=("$fstype")
+    done </proc/self/mountinfo
+}
+
+# mounts_at PATH: REPLY = how many mounts sit exactly on PATH, TOP_FSTYPE = the last one's type
+mounts_at() {
+    local i n=0
+    TOP_FSTYPE=""
+    for i in "${!MI_PATH[@]}"; do
+        if [[ ${MI_PATH[i]} == "$1" ]]; then
+            n=$((n + 1))
+            TOP_FSTYPE=${MI_FSTYPE[i]}
+        fi
+    done
+    REPLY=$n
+}
+
+under_root() { [[ $1 == "$ROOT"/* ]]; }
+
+# resolve_in_root ROOT PATH: REPLY = ROOT + PATH with every symlink followed as
+# if ROOT were / (absolute links and '..' never leave ROOT).
+resolve_in_root() {
+    local root=$1 todo=${2#/} cur="" comp link hops=0
+    while [[ -n $todo ]]; do
+        comp=${todo%%/*}
+        if [[ $todo == */* ]]; then todo=${todo#*/}; else todo=""; fi
+        case $comp in
+        "" | .) continue ;;
+        ..) cur=${cur%/*}; continue ;;
+        esac
+        if [[ -L $root$cur/$comp ]]; then
+            hops=$((hops + 1))
+            ((hops <= 40)) || return 1
+            link=$(readlink -- "$root$cur/$comp") || return 1
+            [[ $link != /* ]] || cur=""
+            todo=${link#/}${todo:+/$todo}
+        else
+            cur=$cur/$comp
+        fi
+    done
+    REPLY=$root$cur
+}
+
+# --- state: what prepare mounted, under /run (or $ROOTFS_BUILD_STATE_DIR) ------
+state_init() {
+    local base=${ROOTFS_BUILD_STATE_DIR:-/run/rootfs-build/$IMAGE_NAME}
+    is_path "$base" || die "ROOTFS_BUILD_STATE_DIR $(shown "$base") is not an absolute path of plain characters"
+    STATE_DIR=$base/root${ROOT//\//_}
+    STATE_MOUNTS=$STATE_DIR/mounts
+    STATE_SKIPPED=$STATE_DIR/skipped
+    STATE_INFO=$STATE_DIR/info
+}
+
+take_lock() {
+    mkdir -p -- "$STATE_DIR"
+    chmod 0700 -- "$STATE_DIR"
+    exec 9>>"$STATE_DIR/lock"
+    flock -w 60 9 || die "another prepare/teardown of $ROOT is running ($STATE_DIR/lock)"
+}
+
+# read_state: REC_IDX/REC_PATH = recorded mounts in order; REC_BY_IDX only when
+# the records belong to this very table; SKIPPED_BY_IDX = entries prepare skipped.
+REC_IDX=() REC_PATH=()
+declare -A REC_BY_IDX=() SKIPPED_BY_IDX=()
+STATE_TABLE="" STATE_MODE=""
+read_state() {
+    local idx path key value
+    REC_IDX=() REC_PATH=() REC_BY_IDX=() SKIPPED_BY_IDX=()
+    STATE_TABLE="" STATE_MODE=""
+    if [[ -f $STATE_INFO ]]; then
+        while IFS='=' read -r key value; do
+            case $key in table) STATE_TABLE=$value ;; mode) STATE_MODE=$value ;; esac
+        done <"$STATE_INFO"
+    fi
+    if [[ -f $STATE_MOUNTS ]]; then
+        while IFS=$'\t' read -r idx path; do
+            if ! [[ $idx =~ ^[0-9]+$ ]] || ! is_path "$path"; then continue; fi
+            REC_IDX+=("$idx") REC_PATH+=("$path")
+            [[ $STATE_TABLE != "$TABLE_ID" ]] || REC_BY_IDX[$idx]=$path
+        done <"$STATE_MOUNTS"
+    fi
+    if [[ -f $STATE_SKIPPED && $STATE_TABLE == "$TABLE_ID" ]]; then
+        while IFS=$'\t' read -r idx value; do
+            if [[ $idx =~ ^[0-9]+$ ]]; then SKIPPED_BY_IDX[$idx]=$value; fi
+        done <"$STATE_SKIPPED"
+    fi
+}
+
+describe() {
+    local i=$1 opts=""
+    [[ -z ${MT_OPTIONS[i]} ]] || opts=" -o ${MT_OPTIONS[i]}"
+    printf '%s%s %s on %s' "${MT_TYPE[i]}" "$opts" "${MT_SOURCE[i]}" "${MT_TARGET[i]}"
+}
+
+# entry_mounted I: is table entry I mounted?  PATH_OF=where it is (or would
+# be).  DONE_PATHS holds the paths of the entries before I that are mounted,
+# so stacked mounts on one path (sysfs, then qtfs on /sys) count separately.
+DONE_PATHS=()
+entry_mounted() {
+    local i=$1 p k=1 d
+    if [[ -n ${REC_BY_IDX[$i]:-} ]]; then
+        p=${REC_BY_IDX[$i]}
+    else
+        resolve_in_root "$ROOT" "${MT_TARGET[i]}" || return 2
+        p=$REPLY
+    fi
+    PATH_OF=$p
+    for d in "${DONE_PATHS[@]}"; do [[ $d != "$p" ]] || k=$((k + 1)); done
+    mounts_at "$p"
+    ((REPLY >= k))
+}
+
+# Processes whose root directory is the rootfs (chrooted into it).
+rootfs_pids() {
+    local d r
+    ROOT_PIDS=()
+    for d in /proc/[0-9]*; do
+        r=$(readlink -- "$d/root" 2>/dev/null) || continue
+        [[ $r == "$ROOT" || $r == "$ROOT"/* ]] && ROOT_PIDS+=("${d#/proc/}")
+    done
+    return 0
+}
+pid_comm() {
+    REPLY=""
+    { read -r REPLY <"/proc/$1/comm"; } 2>/dev/null || REPLY=""
+    return 0
+}
+
+ko_vermagic() {
+    local v=""
+    if command -v modinfo >/dev/null 2>&1; then v=$(modinfo -F vermagic -- "$1" 2>/dev/null) || v=""; fi
+    if [[ -z $v ]]; then v=$(grep -a -o -m1 -- 'vermagic=[^[:cntrl:]]*' "$1" 2>/dev/null) || v=""; v=${v#vermagic=}; fi
+    v=${v%%$'\n'*}
+    REPLY=${v%% *}
+}
+}

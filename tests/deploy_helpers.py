@@ -1,0 +1,260 @@
+"""Helpers for the deploy tests: a small fake rootfs, rendering, and running
+driver scripts inside a private mount namespace.
+
+Safety rules the tests follow:
+- prepare/teardown only ever run inside ``unshare -m --propagation private``,
+  the whole prepare/check/teardown sequence in ONE driver, so every mount
+  dies with the namespace even if a test fails half-way;
+- inside the namespace, /var/lib is covered by a tmpfs (the rootfs binds the
+  machine's /var/lib and prepare creates /var/lib/libvirt through it) and
+  directories prepare creates in the machine's devtmpfs are removed again;
+- temporary trees are removed with ``rm -rf --one-file-system`` semantics
+  (``remove_tree``), never following a mount.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.deploy import DeployConfig, mount_table, render_deploy
+from builder.deploy.mounts import MountEntry
+
+HOST_BINARIES = ("/usr/bin/bash", "/usr/bin/sleep")
+ROOTFS_DIRS = ("boot", "dev", "etc", "home", "mnt", "opt", "proc", "root", "run", "sys",
+               "local_proc", "tmp", "usr/bin", "usr/sbin", "usr/libexec", "var/lib",
+               "var/cache", "var/log")
+
+
+def have_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def _libs(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+    libs = []
+    for line in out.splitlines():
+        m = re.search(r"(/\S+)", line.split("=>")[-1])
+        if m:
+            libs.append(m.group(1))
+    return libs
+
+
+def _copy_in(root: Path, path: str) -> None:
+    dest = root / path.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        shutil.copy2(os.path.realpath(path), dest)
+
+
+def make_fake_rootfs(root: Path) -> Path:
+    """The directories the procedure creates, var/run -> ../run as in openEuler,
+    bash and sleep with their libraries (so chroot ROOT /usr/bin/bash works)."""
+    root.mkdir(parents=True)
+    for d in ROOTFS_DIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/run").symlink_to("../run")
+    for binary in HOST_BINARIES:
+        _copy_in(root, binary)
+        for lib in _libs(binary):
+            _copy_in(root, lib)
+    return root
+
+
+def add_fake_daemons(root: Path) -> None:
+    """virtlogd/libvirtd stand-ins: with -d they start a copy of sleep named like
+    the daemon (so its comm matches) holding the chroot's /dev/null open, and
+    write their CMD_NET_ADDR to /tmp/<name>.env."""
+    fake = root / "usr/libexec/fake"
+    fake.mkdir(parents=True, exist_ok=True)
+    for name in ("virtlogd", "libvirtd"):
+        shutil.copy2("/usr/bin/sleep", fake / name)
+        script = root / "usr/sbin" / name
+        script.write_text(
+            "#!/usr/bin/bash\n"
+            'if [ "${1:-}" = -d ]; then\n'
+            f'  printf "%s\\n" "${{CMD_NET_ADDR:-}}" > /tmp/{name}.env\n'
+            f"  /usr/libexec/fake/{name} 300 </dev/null >/dev/null 2>&1 &\n"
+            "fi\n")
+        script.chmod(0o755)
+
+
+@dataclass
+class Rendered:
+    out: Path
+    cfg: DeployConfig
+    table: list[MountEntry]
+
+    @property
+    def dpu(self) -> Path:
+        return self.out / "dpu"
+
+
+def render(tmp: Path, root: Path, mounts: Sequence[dict] = (), **kw) -> Rendered:
+    params = {"name": "demo", "host_ip": "192.168.1.1", "rexec_port": 7777,
+              "rootfs": str(root)}
+    params.update(kw)
+    cfg = DeployConfig.from_params(params, "deploy")
+    table = mount_table(list(mounts), "mounts")
+    out = tmp / "out" / "demo"
+    render_deploy(out, cfg, table)
+    return Rendered(out, cfg, table)
+
+
+DRIVER_HEAD = r"""
+set -u
+mount --make-rprivate /
+# the rootfs binds the machine's /var/lib, and prepare creates /var/lib/libvirt
+# through it: keep that in this namespace
+mount -t tmpfs tmpfs /var/lib
+DEV_BEFORE=$(ls -A /dev)
+cleanup_dev() {
+  local d
+  for d in hugepages mqueue vfio; do
+    if ! grep -qx "$d" <<<"$DEV_BEFORE" && [ -d "/dev/$d" ]; then rmdir "/dev/$d" 2>/dev/null; fi
+  done
+}
+trap cleanup_dev EXIT
+# snap NAME: the mount table and prepare's state as they are now
+snap() {
+  cat /proc/self/mountinfo > "$W/$1"
+  rm -rf "$W/$1.state"
+  cp -r "$W/state" "$W/$1.state" 2>/dev/null || true
+}
+"""
+
+
+def run_ns(driver: str, work: Path, env: dict[str, str] | None = None,
+           timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    """Run a bash driver in a fresh private mount namespace; $W is `work`."""
+    script = work / "driver.sh"
+    script.write_text(DRIVER_HEAD + driver)
+    full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "W": str(work),
+                "ROOTFS_BUILD_STATE_DIR": str(work / "state"), "LC_ALL": "C"}
+    full_env.update(env or {})
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "bash", str(script)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    id: int
+    parent: int
+    path: str
+    fstype: str
+    line: str
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        path = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        path = path.replace("\\134", "\\")
+        out.append(MountInfo(int(fields[0]), int(fields[1]), path, fields[sep + 1], line))
+    return out
+
+
+def mounts_below(text: str, root: Path) -> list[MountInfo]:
+    prefix = str(root).rstrip("/") + "/"
+    return [m for m in parse_mountinfo(text) if m.path.startswith(prefix)]
+
+
+def resolve_in_root(root: Path, target: str) -> str:
+    """Where a table target lands in the fake rootfs (its symlinks are relative)."""
+    return os.path.realpath(str(root) + target)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf --one-file-system, after checking nothing is mounted below path."""
+    if not path.exists():
+        return
+    text = Path("/proc/self/mountinfo").read_text()
+    prefix = str(path.resolve()) + "/"
+    busy = [m.path for m in parse_mountinfo(text) if m.path.startswith(prefix)]
+    assert not busy, f"refusing to remove {path}: mounts below it: {busy}"
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
+
+
+def read_state(work: Path, root: Path, state: str = "state") -> tuple[list[str], dict[int, str]]:
+    """(recorded mount paths in order, skipped entries idx -> reason) of a prepare run,
+    from $ROOTFS_BUILD_STATE_DIR (or a copy the driver made: `state`)."""
+    d = work / state / ("root" + str(root).replace("/", "_"))
+    mounts = []
+    if (d / "mounts").exists():
+        mounts = [line.split("\t", 1)[1] for line in (d / "mounts").read_text().splitlines()]
+    skipped = {}
+    if (d / "skipped").exists():
+        for line in (d / "skipped").read_text().splitlines():
+            idx, _, reason = line.partition("\t")
+            skipped[int(idx)] = reason
+    return mounts, skipped
+
+
+# ---------------------------------------------------------------------------
+# bundle helpers
+
+
+def make_rootfs_tar(path: Path, extra: Sequence[tarfile.TarInfo] = ()) -> list[tarfile.TarInfo]:
+    """A small pax rootfs tar: dirs, files with owners/modes, an xattr, a char
+    device, a fifo, a hard link and symlinks.  Returns its members."""
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+
+    def add(name: str, kind: bytes, mode: int, data: bytes | None = None, **kw) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.mode = mode
+        ti.mtime = 1_700_000_000
+        for k, v in kw.items():
+            setattr(ti, k, v)
+        if data is not None:
+            ti.size = len(data)
+        members.append((ti, data))
+
+    add("./", tarfile.DIRTYPE, 0o755)
+    add("./etc", tarfile.DIRTYPE, 0o755)
+    add("./etc/hostname", tarfile.REGTYPE, 0o644, b"dpu\n")
+    add("./etc/localtime", tarfile.SYMTYPE, 0o777, linkname="/usr/share/zoneinfo/UTC")
+    add("./usr", tarfile.DIRTYPE, 0o755)
+    add("./usr/bin", tarfile.DIRTYPE, 0o755)
+    add("./usr/bin/prog", tarfile.REGTYPE, 0o4755, b"#!/bin/sh\necho hi\n")
+    add("./usr/bin/prog-link", tarfile.LNKTYPE, 0o4755, linkname="./usr/bin/prog")
+    add("./bin", tarfile.SYMTYPE, 0o777, linkname="usr/bin")
+    add("./home", tarfile.DIRTYPE, 0o755)
+    add("./home/user", tarfile.DIRTYPE, 0o700, uid=1000, gid=1000)
+    add("./home/user/notes", tarfile.REGTYPE, 0o600, b"x" * 3000, uid=1000, gid=1001,
+        pax_headers={"SCHILY.xattr.user.x": "hello", "SCHILY.xattr.user.empty": ""})
+    add("./dev", tarfile.DIRTYPE, 0o755)
+    add("./dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3)
+    add("./dev/initctl", tarfile.FIFOTYPE, 0o600)
+    add("./var", tarfile.DIRTYPE, 0o755)
+    add("./var/empty", tarfile.DIRTYPE, 0o711, uid=12, gid=34)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for ti, data in members:
+            t.addfile(ti, io.BytesIO(data) if data is not None else None)
+        for ti in extra:
+            t.addfile(ti)
+    return [ti for ti, _ in members]
+
+
+def write_sums(out: Path) -> None:
+    lines = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and rel != "SHA256SUMS":
+            digest = subprocess.run(["sha256sum", str(p)], capture_output=True, text=True,
+                                    check=True).stdout.split()[0]
+            lines.append(f"{digest}  {rel}\n")
+    (out / "SHA256SUMS").write_text("".join(lines))

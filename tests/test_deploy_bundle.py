@@ -1,0 +1,311 @@
+"""The offline bundle: reproducible bytes, and install.sh installing a tree
+identical to the rootfs tar, refusing damaged bundles, escaping members and
+mounted targets."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from deploy_helpers import have_unshare, make_rootfs_tar, remove_tree, run_ns, write_sums
+
+from builder.deploy import DeployConfig, make_bundle, mount_table, render_deploy
+from builder.errors import UserError
+
+EPOCH = 1_700_000_000
+
+
+def build_output(tmp: Path, artifact: str = "rootfs.tar",
+                 extra: list[tarfile.TarInfo] | None = None) -> tuple[Path, list[tarfile.TarInfo]]:
+    """<tmp>/out/demo/ as the pipeline leaves it: artifact, dpu/, host/, manifest, sums."""
+    out = tmp / "out" / "demo"
+    out.mkdir(parents=True)
+    members = make_rootfs_tar(out / "rootfs.tar", extra or [])
+    if artifact != "rootfs.tar":
+        tool = {"rootfs.tar.zst": ["zstd", "-q", "--rm"], "rootfs.tar.gz": ["gzip"]}[artifact]
+        subprocess.run([*tool, str(out / "rootfs.tar")], check=True)
+    cfg = DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777)
+    render_deploy(out, cfg, mount_table([], "mounts"))
+    (out / "manifest.json").write_text('{"name": "demo"}\n')
+    write_sums(out)
+    return out, members
+
+
+def unpack_bundle(bundle: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-xf", str(bundle), "-C", str(dest)], check=True)
+    return dest / "demo"
+
+
+def install(bundle_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(bundle_dir / "install.sh"), *args], capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin"})
+
+
+def check_tree(target: Path, members: list[tarfile.TarInfo]) -> None:
+    """target holds exactly the tar's members with their owners, modes, mtimes,
+    xattrs, device numbers, links and content."""
+    expected: set[str] = set()
+    data = {}
+    with tarfile.open(target.parent / "source.tar") as t:
+        for m in t.getmembers():
+            if m.isreg():
+                f = t.extractfile(m)
+                assert f is not None
+                with f:
+                    data[m.name] = f.read()
+    for ti in members:
+        rel = posixpath.normpath(ti.name)
+        path = target if rel == "." else target / rel
+        expected.add(rel)
+        st = os.lstat(path)
+        if ti.isdir():
+            assert stat.S_ISDIR(st.st_mode), rel
+        elif ti.issym():
+            assert stat.S_ISLNK(st.st_mode) and os.readlink(path) == ti.linkname, rel
+        elif ti.islnk():
+            assert st.st_ino == os.lstat(target / posixpath.normpath(ti.linkname)).st_ino, rel
+        elif ti.isreg():
+            assert stat.S_ISREG(st.st_mode) and path.read_bytes() == data[ti.name], rel
+        elif ti.ischr():
+            assert stat.S_ISCHR(st.st_mode), rel
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (ti.devmajor, ti.devminor)
+        elif ti.isfifo():
+            assert stat.S_ISFIFO(st.st_mode), rel
+        if not ti.issym():
+            assert stat.S_IMODE(st.st_mode) == ti.mode, (rel, oct(st.st_mode))
+            assert int(st.st_mtime) == ti.mtime, rel
+        assert (st.st_uid, st.st_gid) == (ti.uid, ti.gid), rel
+        want = {k[len("SCHILY.xattr."):]: v.encode() for k, v in ti.pax_headers.items()
+                if k.startswith("SCHILY.xattr.")}
+        got = {k: os.getxattr(path, k, follow_symlinks=False)
+               for k in os.listxattr(path, follow_symlinks=False) if k.startswith("user.")}
+        assert got == want, rel
+    found = {"."}
+    for top, dirs, files in os.walk(target):
+        for n in dirs + files:
+            found.add(os.path.relpath(os.path.join(top, n), target))
+    assert found == expected
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) if path.exists() \
+        else []
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_bundle_layout_and_reproducible_bytes(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    bundle = make_bundle(out.parent, "demo", EPOCH)
+    assert bundle == out.parent / "demo.bundle.tar"
+    first = bundle.read_bytes()
+    for p in out.rglob("*"):
+        os.utime(p, (1, 1))
+    assert make_bundle(out.parent, "demo", EPOCH).read_bytes() == first
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    with tarfile.open(bundle) as t:
+        members = {m.name.removeprefix("./"): m for m in t.getmembers()}
+        names = [m.name for m in t.getmembers()]
+    assert "demo/install.sh" in members and "demo/rootfs.tar" in members
+    assert "demo/dpu/prepare.sh" in members and "demo/SHA256SUMS" in members
+    assert all(n == "demo" or n.startswith("demo/") for n in members)
+    assert all(m.uid == 0 and m.gid == 0 and m.mtime == EPOCH for m in members.values())
+    assert members["demo/install.sh"].mode == 0o755
+    assert members["demo/host/whitelist"].mode == 0o400
+    assert members["demo/dpu/prepare.sh"].mode == 0o755
+    assert names == sorted(names, key=lambda n: n.replace("/", "\0"))
+    # from a staging directory into a staging path: the same bytes
+    staging = tmp_path / ".staging"
+    shutil.copytree(out, staging)
+    other = make_bundle(out.parent, "demo", EPOCH, src=staging, dest=tmp_path / "b.part")
+    assert other == tmp_path / "b.part" and other.read_bytes() == first
+    assert make_bundle(out.parent, "demo", EPOCH + 1).read_bytes() != first
+
+
+def test_make_bundle_checks_the_output(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    (out / "stray.txt").write_text("x")
+    with pytest.raises(UserError, match="stray.txt is not listed in SHA256SUMS"):
+        make_bundle(out.parent, "demo", EPOCH)
+    (out / "stray.txt").unlink()
+    (out / "manifest.json").write_text("{}\n")
+    with pytest.raises(UserError, match="checksum mismatch for manifest.json"):
+        make_bundle(out.parent, "demo", EPOCH)
+    write_sums(out)
+    (out / "install.sh").write_text("x")
+    write_sums(out)
+    with pytest.raises(UserError, match="install.sh is reserved"):
+        make_bundle(out.parent, "demo", EPOCH)
+    (out / "install.sh").unlink()
+    (out / "rootfs.tar").unlink()
+    write_sums(out)
+    with pytest.raises(UserError, match="no rootfs artifact"):
+        make_bundle(out.parent, "demo", EPOCH)
+    with pytest.raises(UserError, match="no build output"):
+        make_bundle(out.parent, "other", EPOCH)
+    assert not (out.parent / "demo.bundle.tar").exists()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("artifact", ["rootfs.tar", "rootfs.tar.zst"])
+def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
+    if artifact.endswith(".zst") and shutil.which("zstd") is None:
+        pytest.skip("needs zstd")
+    out, members = build_output(tmp_path, artifact)
+    site = tmp_path / "site"
+    site.mkdir()
+    if artifact == "rootfs.tar":
+        shutil.copy(out / "rootfs.tar", site / "source.tar")
+    else:
+        subprocess.run(["zstd", "-q", "-d", str(out / artifact), "-o", str(site / "source.tar")],
+                       check=True)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    target = site / "rootfs"
+    try:
+        # --dry-run: checks everything, writes nothing
+        r = install(bdir, "--target", str(target), "--dry-run")
+        assert r.returncode == 0, r.stderr
+        assert listing(site) == ["source.tar"]
+        r = install(bdir, "--target", str(target))
+        assert r.returncode == 0, r.stdout + r.stderr
+        check_tree(target, members)
+        deploy = site / "rootfs.deploy"
+        assert os.access(deploy / "prepare.sh", os.X_OK)
+        assert f"ROOTFS={target}\n" in (deploy / "offload.conf").read_text()
+        assert sorted(p.name for p in site.iterdir()) == ["rootfs", "rootfs.deploy", "source.tar"]
+        # an existing rootfs needs --force, which replaces it
+        (target / "stale").write_text("x")
+        r = install(bdir, "--target", str(target))
+        assert r.returncode == 1 and "not empty (--force replaces it)" in r.stderr
+        assert (target / "stale").exists()
+        conf = deploy / "offload.conf"
+        conf.write_text(conf.read_text() + "# edited by the operator\n")
+        r = install(bdir, "--target", str(target), "--force")
+        assert r.returncode == 0, r.stderr
+        check_tree(target, members)
+        assert "edited by the operator" in (deploy / "offload.conf").read_text()
+        assert (deploy / "offload.conf.new").exists()
+        assert sorted(p.name for p in site.iterdir()) == ["rootfs", "rootfs.deploy", "source.tar"]
+    finally:
+        remove_tree(site)
+
+
+@pytest.mark.root
+def test_install_refuses_a_changed_byte(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    data = bytearray((bdir / "rootfs.tar").read_bytes())
+    data[1536] ^= 0x01
+    (bdir / "rootfs.tar").write_bytes(bytes(data))
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"), "--force")
+    assert r.returncode == 1
+    assert "checksum mismatch for rootfs.tar" in r.stderr and "nothing was installed" in r.stderr
+    assert listing(site) == []
+
+
+@pytest.mark.root
+def test_install_refuses_unlisted_files(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    (bdir / "dpu/evil.sh").write_text("#!/bin/sh\n")
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"))
+    assert r.returncode == 1 and "dpu/evil.sh" in r.stderr and "not in SHA256SUMS" in r.stderr
+    assert listing(site) == []
+
+
+def _escaping(kind: str) -> tarfile.TarInfo:
+    if kind == "dotdot":
+        ti = tarfile.TarInfo("../escaped")
+    elif kind == "absolute":
+        ti = tarfile.TarInfo("/escaped")
+    elif kind == "nested-dotdot":
+        ti = tarfile.TarInfo("./etc/../../escaped")
+    else:
+        ti = tarfile.TarInfo("./etc/passwd-link")
+        ti.type = tarfile.LNKTYPE
+        ti.linkname = "../../escaped" if kind == "hardlink" else "/escaped"
+    return ti
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "nested-dotdot", "hardlink",
+                                  "hardlink-absolute"])
+def test_install_refuses_escaping_members(tmp_path: Path, kind: str) -> None:
+    out, _ = build_output(tmp_path, extra=[_escaping(kind)])
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "deep" / "site"
+    site.mkdir(parents=True)
+    r = install(bdir, "--target", str(site / "rootfs"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rootfs.tar:" in r.stderr and "nothing was installed" in r.stderr
+    assert listing(site) == []
+    assert not (tmp_path / "deep" / "escaped").exists()
+    assert not Path("/escaped").exists()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have_unshare(), reason="needs root and unshare -m")
+def test_install_refuses_a_mounted_target(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "site"
+    (site / "rootfs/dev").mkdir(parents=True)
+    (site / "other").mkdir()
+    res = run_ns(f"""
+mount -t tmpfs tmpfs {site}/rootfs/dev
+{bdir}/install.sh --target {site}/rootfs --force > $W/a.out 2>&1; echo $? > $W/a.rc
+umount {site}/rootfs/dev
+mount -t tmpfs tmpfs {site}/other
+{bdir}/install.sh --target {site}/other --force > $W/b.out 2>&1; echo $? > $W/b.rc
+""", tmp_path)
+    assert res.returncode == 0, res.stderr
+    a = (tmp_path / "a.out").read_text()
+    b = (tmp_path / "b.out").read_text()
+    assert (tmp_path / "a.rc").read_text() == "1\n" and "rootfs/dev is mounted" in a, a
+    assert (tmp_path / "b.rc").read_text() == "1\n" and "other is mounted" in b, b
+    assert listing(site) == ["other", "rootfs", "rootfs/dev"]
+    remove_tree(site)
+
+
+@pytest.mark.root
+def test_install_prefers_the_plain_tar(tmp_path: Path) -> None:
+    if shutil.which("zstd") is None:
+        pytest.skip("needs zstd")
+    out, members = build_output(tmp_path)
+    subprocess.run(["zstd", "-q", "-k", str(out / "rootfs.tar")], check=True)
+    write_sums(out)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(out / "rootfs.tar", site / "source.tar")
+    try:
+        r = install(bdir, "--target", str(site / "rootfs"), "--scripts", str(site / "scripts"))
+        assert r.returncode == 0, r.stderr
+        assert "installed rootfs.tar into" in r.stdout
+        check_tree(site / "rootfs", members)
+        assert (site / "scripts/teardown.sh").exists()
+    finally:
+        remove_tree(site)
+
+
+def test_installer_help_documents_the_scripts_location(tmp_path: Path) -> None:
+    out, _ = build_output(tmp_path)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    r = install(bdir, "--help")
+    assert r.returncode == 0 and "DIR.deploy" in r.stdout and "--scripts DIR" in r.stdout
+    r = install(bdir, "--target", "/usr", "--dry-run")
+    assert r.returncode == 2 and "refusing to install into /usr" in r.stderr
+    r = install(bdir)
+    assert r.returncode == 2 and "--target DIR is required" in r.stderr
