@@ -155,6 +155,26 @@ class Tree:
                 node.linkname = e.linkname
             self.nodes[final] = node
 
+    def read_file(self, name: bytes, limit: int = 1 << 20) -> bytes | None:
+        """Content of a small regular file of the merged tree (symlinks
+        followed inside the rootfs), or None."""
+        node = self.nodes.get(self.resolve(name, follow_last=True))
+        if node is None or node.layer is None or node.entry is None:
+            return None
+        layer, entry = node.layer, node.entry
+        if node.type == LNK:
+            entry = next((e for e in layer.entries if e.name == entry.linkname), entry)
+        if entry.type != REG:
+            return None
+        m = layer.member(entry)
+        if m.size > limit or m.sparse is not None:
+            return None
+        return os.pread(layer.file().fileno(), m.size, entry.offset + entry.header_len)
+
+    def layer_of(self, name: bytes) -> Layer | None:
+        node = self.nodes.get(name)
+        return node.layer if node is not None else None
+
     def _apply_first(self, index: int, layer: Layer) -> None:
         nodes = self.nodes
         for e in layer.entries:

@@ -36,13 +36,14 @@ INPUT_TYPES = ("file", "files", "dir")
 
 _MODE = {"type": ["string", "integer"]}
 _ABS = {"type": "string", "pattern": "^/"}
-_WHEN = {
+_CONDITION = {
     "type": "object",
     "additionalProperties": False,
     "required": ["param"],
     "properties": {"param": {"type": "string"}, "is": {}, "in": {"type": "array"},
                    "set": {"type": "boolean"}},
 }
+_WHEN = {"oneOf": [_CONDITION, {"type": "array", "items": _CONDITION}]}
 _OWNER = {"uid": {"type": "integer", "minimum": 0}, "gid": {"type": "integer", "minimum": 0}}
 
 ELEMENT_SCHEMA: dict[str, Any] = {
@@ -87,9 +88,23 @@ ELEMENT_SCHEMA: dict[str, Any] = {
             "properties": {"src": {"type": "string"}, "dest": _ABS, "when": _WHEN,
                            **_OWNER}}},
         "deletions": {"type": "array", "items": _ABS},
+        "sources": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["archive", "dest"],
+            "properties": {"archive": {"type": "string", "pattern": "^@"},
+                           "patches": {"type": "string", "pattern": "^@"},
+                           "dest": _ABS, "when": _WHEN}}},
+        "rpms": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False, "required": ["src"],
+            "properties": {"src": {"type": "string", "pattern": "^@"}, "when": _WHEN}}},
         "mounts": {"type": "array", "items": {"type": "object"}},
+        "requires": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"when": _WHEN,
+                           "all_of": {"type": "array", "items": {"type": "string"}},
+                           "any_of": {"type": "array", "items": {"type": "string"}}}}},
         "run": {"type": "object", "additionalProperties": False,
-                "properties": {"when": _WHEN, "network": {"type": "boolean"}}},
+                "properties": {"when": _WHEN, "network": {"type": "boolean"},
+                               "timeout": {"type": "number", "minimum": 1}}},
     },
 }
 
@@ -336,15 +351,38 @@ def resolve_params(recipe: Recipe, elements: list[Element]) -> ElementSet:
     return ElementSet(elements, resolved, specs, missing_inputs, [])
 
 
+def _unset(value: Any) -> bool:
+    return value is None or value == [] or value == ""
+
+
 def required_missing(es: ElementSet, recipe: Recipe) -> list[str]:
-    return [f"params.{n}" for n, s in sorted(es.specs.items())
-            if s.required and es.params.get(n) in (None, [], "")]
+    """Params that must be set but are not, as readable phrases."""
+    missing = [f"params.{n}" for n, s in sorted(es.specs.items())
+               if s.required and _unset(es.params.get(n))]
+    for el in es.elements:
+        for rule in el.spec.get("requires", []):
+            if not condition_holds(rule.get("when"), es.params):
+                continue
+            why = ""
+            if rule.get("when") and not isinstance(rule["when"], list):
+                w = rule["when"]
+                why = f" (because {w['param']} is {es.params.get(w['param'])})"
+            for name in rule.get("all_of", []):
+                if _unset(es.params.get(name)):
+                    missing.append(f"params.{name}{why}")
+            names = rule.get("any_of", [])
+            if names and all(_unset(es.params.get(n)) for n in names):
+                missing.append(" or ".join(f"params.{n}" for n in names) + why)
+    return missing
 
 
-def condition_holds(when: dict[str, Any] | None, params: dict[str, Any]) -> bool:
-    """An item's `when:` — {param, is | in | set}."""
+def condition_holds(when: dict[str, Any] | list[dict[str, Any]] | None,
+                    params: dict[str, Any]) -> bool:
+    """An item's `when:`: {param, is | in | set}, or a list that must all hold."""
     if not when:
         return True
+    if isinstance(when, list):
+        return all(condition_holds(w, params) for w in when)
     value = params.get(when["param"])
     if "is" in when:
         return bool(value == when["is"])
@@ -360,10 +398,16 @@ def load(recipe: Recipe) -> ElementSet:
     es = resolve_params(recipe, elements)
     es.search_path = search_path(recipe)
     for el in elements:
-        for key in ("files", "templates", "trees", "dirs", "symlinks"):
+        for key in ("files", "templates", "trees", "dirs", "symlinks", "sources", "rpms",
+                    "requires"):
             for i, item in enumerate(el.spec.get(key, [])):
                 w = item.get("when")
-                if w and w["param"] not in es.specs:
-                    raise UserError(f"{key}[{i}].when: unknown param {w['param']}",
-                                    where=el.where(key, i, "when"))
+                for cond in (w if isinstance(w, list) else [w] if w else []):
+                    if cond["param"] not in es.specs:
+                        raise UserError(f"{key}[{i}].when: unknown param {cond['param']}",
+                                        where=el.where(key, i, "when"))
+                for name in item.get("all_of", []) + item.get("any_of", []):
+                    if name not in es.specs:
+                        raise UserError(f"{key}[{i}]: unknown param {name}",
+                                        where=el.where(key, i))
     return es

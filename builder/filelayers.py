@@ -186,11 +186,19 @@ def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
 
 
 class _Template(string.Template):
-    idpattern = r"[a-z][a-z0-9_]*"
+    """@{name} placeholders: shell's $ and "$@" stay untouched; @@ is a literal @."""
+
+    delimiter = "@"
+    pattern = r"""@(?:
+        (?P<escaped>@) |
+        \{(?P<braced>[a-z][a-z0-9_]*)\} |
+        (?P<named>(?!x)x) |
+        (?P<invalid>(?!x)x)
+    )"""  # type: ignore[assignment]
 
 
 def template_values(params: dict[str, Any]) -> dict[str, str]:
-    """${name} is the validated value; ${name_q} the same, shell-quoted."""
+    """@{name} is the validated value; @{name_q} the same, shell-quoted."""
     out: dict[str, str] = {}
     for k, v in params.items():
         text = "" if v is None else (" ".join(map(str, v)) if isinstance(v, list) else str(v))
@@ -201,7 +209,7 @@ def template_values(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
+def element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
     """An element item's source: '@param' names a file param, else a path
     inside the element directory."""
     if src.startswith("@"):
@@ -252,7 +260,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         if not condition_holds(item.get("when"), params):
             continue
         where = el.where("files", i)
-        src = _element_source(el, item["src"], es, where)
+        src = element_source(el, item["src"], es, where)
         if not src.is_file():
             raise UserError(f"{src}: file not found (files[{i}] of element {el.name})",
                             where=where)
@@ -265,7 +273,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         if not condition_holds(item.get("when"), params):
             continue
         where = el.where("templates", i)
-        src = _element_source(el, item["src"], es, where)
+        src = element_source(el, item["src"], es, where)
         try:
             text = src.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -273,7 +281,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         try:
             data = _Template(text).substitute(template_values(params)).encode()
         except KeyError as e:
-            raise UserError(f"{src}: template uses ${{{e.args[0]}}}, which is not a param",
+            raise UserError(f"{src}: template uses @{{{e.args[0]}}}, which is not a param",
                             where=where) from None
         except ValueError as e:
             raise UserError(f"{src}: bad template placeholder: {e}", where=where) from None
@@ -285,7 +293,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         if not condition_holds(item.get("when"), params):
             continue
         where = el.where("trees", i)
-        src = _element_source(el, item["src"], es, where)
+        src = element_source(el, item["src"], es, where)
         sub = plan_overlay(Overlay(source=src, dest=item["dest"], uid=item.get("uid", 0),
                                    gid=item.get("gid", 0)), i, where)
         plan.items += sub.items

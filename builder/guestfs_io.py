@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import glob
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -37,6 +38,41 @@ launches = 0
 _tcg_only = False
 
 QCOW2_MAGIC = b"QFI\xfb"
+
+RUN_DIR = "/.rootfs-build-run"
+# The tree (sda) becomes the lower layer of an overlay on /sysroot; changes go
+# to sda's twin (sdb); scripts and their log live in a tmpfs, /tmp in another,
+# so neither ends up in the step's layer.
+_OVERLAY_UP = f"""set -e
+mkdir -p /run/rb/lower /run/rb/upperfs
+mount /dev/sda /run/rb/lower
+mount /dev/sdb /run/rb/upperfs
+mkdir -p /run/rb/upperfs/upper /run/rb/upperfs/work
+mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir=/run/rb/upperfs/upper,\
+workdir=/run/rb/upperfs/work,index=off,metacopy=off,redirect_dir=off /sysroot
+mount -t tmpfs -o mode=0700 tmpfs /sysroot{RUN_DIR}
+mkdir -p /sysroot{RUN_DIR}/scripts
+if [ -d /sysroot/tmp ] && [ ! -L /sysroot/tmp ]; then mount -t tmpfs tmpfs /sysroot/tmp; fi
+"""
+_OVERLAY_DOWN = f"""set -e
+if mountpoint -q /sysroot/tmp; then umount /sysroot/tmp; fi
+umount /sysroot{RUN_DIR}
+umount /sysroot
+umount /run/rb/lower
+umount /run/rb/upperfs
+"""
+_RUN_SH = f"""#!/bin/bash
+set -eu
+exec >>{RUN_DIR}/log 2>&1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LANG=C LC_ALL=C TZ=UTC HOME=/root
+@EXPORTS@
+cd /
+for script in {RUN_DIR}/scripts/*; do
+    echo "rootfs-build: running ${{script##*/}}"
+    "$script"
+done
+"""
 
 
 class ApplianceError(UserError):
@@ -119,8 +155,9 @@ class Appliance:
     """One libguestfs handle with its drives; use as a context manager."""
 
     def __init__(self, label: str, *, smp: int = DEFAULT_SMP, memsize: int | None = None,
-                 timeout: float | None = None):
+                 timeout: float | None = None, network: bool = False):
         self.label = label
+        self.network = network
         self.smp = smp
         self.memsize = memsize
         self.timeout = timeout or DEFAULT_TIMEOUT
@@ -138,6 +175,10 @@ class Appliance:
             opts["label"] = label
         self._drives.append((str(path), opts))
 
+    def add_scratch(self, size: int) -> None:
+        """A temporary disk of `size` bytes (sparse; removed at close)."""
+        self._drives.append(("", {"scratch": size}))
+
     def _new_handle(self, tcg: bool) -> Any:
         guestfs = _guestfs_module()
         g = guestfs.GuestFS(python_return_dict=True)
@@ -146,8 +187,13 @@ class Appliance:
         g.set_smp(self.smp)
         if self.memsize:
             g.set_memsize(self.memsize)
+        if self.network:
+            g.set_network(True)
         for path, opts in self._drives:
-            g.add_drive_opts(path, **opts)
+            if "scratch" in opts:
+                g.add_drive_scratch(opts["scratch"])
+            else:
+                g.add_drive_opts(path, **opts)
         return g
 
     def _launch_quietly(self) -> None:
@@ -333,6 +379,46 @@ class Appliance:
             raise ApplianceError(f"{self.label}: {name}: {str(err).splitlines()[0]}") from None
         return value
 
+    def stream_in(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  produce: Callable[[BinaryIO], None]) -> None:
+        """Run a FileIn call (tar_in, upload...) fed through a pipe by
+        `produce`, which writes on this thread as the appliance reads."""
+        r, w = os.pipe()
+        fn = getattr(self.g, name)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                fn(f"/dev/fd/{r}", *args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = e
+            finally:
+                os.close(r)
+
+        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
+        self.touch()
+        worker.start()
+        writer = _ProgressWriter(os.fdopen(w, "wb", buffering=1 << 20), self.touch)
+        try:
+            try:
+                produce(writer)  # type: ignore[arg-type]
+                writer.close()
+            except BrokenPipeError:
+                pass
+            except BaseException:
+                self.kill(f"interrupted in {name}")
+                worker.join(30)
+                raise
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    writer.close()
+            self._run(worker.join, name, None)
+        finally:
+            worker.join(1)
+        if "error" in outcome:
+            err = outcome["error"]
+            raise ApplianceError(f"{self.label}: {name}: {str(err).splitlines()[0]}") from None
+
     # -- inspection -----------------------------------------------------------
     def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:
         """Find the root filesystem, mount it and its mount points read-only."""
@@ -432,6 +518,49 @@ class Appliance:
                                 "acls": True}, consume)
 
 
+    # -- steps inside the rootfs ------------------------------------------
+    def run_in_tree(self, tree: Callable[[BinaryIO], None], scripts: list[tuple[str, bytes]],
+                    env: dict[str, str], consume_upper: Callable[[BinaryIO], T],
+                    *, step: str) -> T:
+        """Lay a rootfs tree onto scratch disk 1, run `scripts` chrooted in it
+        under an overlay whose upper directory lives on scratch disk 2, and
+        hand the upper directory (the step's changes) to `consume_upper` as a
+        tar stream.  Needs two scratch drives added, in that order."""
+        self.call("mkfs", "ext4", "/dev/sda")
+        self.call("mount", "/dev/sda", "/")
+        self.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True},
+                       tree)
+        if self.guest_realpath("/bin/bash") is None:
+            raise UserError(f"{step}: the rootfs has no /bin/bash to run scripts with",
+                            hint="scripts run inside the rootfs; install bash in the base")
+        self.call("mkdir_p", RUN_DIR)
+        self.call("umount_all")
+        self.call("mkfs", "ext4", "/dev/sdb")
+        self.call("debug", "sh", [_OVERLAY_UP])
+        for i, (name, data) in enumerate(scripts):
+            path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
+            self.call("write", path, data)
+            self.call("chmod", 0o755, path)
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+        self.call("write", f"{RUN_DIR}/run.sh", _RUN_SH.replace("@EXPORTS@\n", exports))
+        try:
+            self.call("command", ["/bin/bash", f"{RUN_DIR}/run.sh"])
+        except ApplianceError:
+            try:
+                tail = [line for line in self.call("tail_n", 15, f"{RUN_DIR}/log") if line]
+            except ApplianceError:
+                tail = []
+            last = tail[-1] if tail else "(no output)"
+            if ui.verbose():
+                for line in tail:
+                    ui.info(f"  | {line}")
+            raise UserError(f"{step}: a script failed inside the rootfs: {last}",
+                            hint="-v shows the last lines of its output") from None
+        self.call("debug", "sh", [_OVERLAY_DOWN])
+        self.call("mount", "/dev/sdb", "/")
+        return self.tar_out("/upper", consume_upper)
+
+
 def _qemu_child() -> int:
     """The qemu process libguestfs started (our child), found without the
     handle, which a running call keeps locked."""
@@ -449,6 +578,21 @@ def _qemu_child() -> int:
         if ppid == me and comm.startswith("qemu"):
             return int(entry)
     return 0
+
+
+class _ProgressWriter:
+    def __init__(self, f: BinaryIO, tick: Callable[[], None]):
+        self.f = f
+        self.tick = tick
+
+    def write(self, data: bytes) -> int:
+        n = self.f.write(data)
+        self.tick()
+        return n
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
 
 
 class _ProgressReader:

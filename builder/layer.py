@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from . import tarfmt
 from .errors import UserError
-from .tarfmt import LNK, REG, SYM, Member
+from .tarfmt import CHR, LNK, REG, SYM, Member
 
 LAYER_TAR = "layer.tar"
 INDEX = "index.json"
@@ -92,8 +92,10 @@ class LayerWriter:
         self.newest_mtime = 0
         self.data_bytes = 0
 
-    def add(self, m: Member, read: Reader | None = None, *, weak: bool = False) -> None:
-        """Add member `m`; for a regular file `read(n)` yields m.size bytes of content."""
+    def add(self, m: Member, read: Reader | None = None, *, weak: bool = False,
+            opaque: bool = False) -> None:
+        """Add member `m`; for a regular file `read(n)` yields m.size bytes of content.
+        An opaque directory first removes what the layers below hold there."""
         if m.type == LNK:
             target = self._entries.get(m.linkname)
             if target is None or target.type != REG:
@@ -135,7 +137,10 @@ class LayerWriter:
         self._entries[m.name] = IndexEntry(m.name, m.type, start, len(header),
                                            self._out.pos - start, m.mtime,
                                            m.linkname if m.type in (LNK, SYM) else b"", weak)
-        self._deletions.discard(m.name)
+        if opaque:
+            self._deletions.add(m.name)
+        else:
+            self._deletions.discard(m.name)
 
     def delete(self, name: bytes) -> None:
         """Remove `name` (and its subtree) from the layers below this one."""
@@ -243,16 +248,35 @@ class Layer:
             self._file = None
 
 
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+
 def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str,
-                         source: str, on_bytes: Callable[[int], None] | None = None) -> dict:
-    """Normalize a whole tar stream into a layer in `directory`."""
+                         source: str, on_bytes: Callable[[int], None] | None = None,
+                         overlay_upper: bool = False) -> dict:
+    """Normalize a whole tar stream into a layer in `directory`.
+
+    With `overlay_upper`, the stream is an overlayfs upper directory: a 0/0
+    character device is a deletion, a directory marked opaque replaces the
+    one below, overlayfs' own xattrs are dropped, and the upper root itself
+    says nothing about the rootfs root.
+    """
     writer = LayerWriter(directory, mtime_policy=mtime_policy, source=source)
     counted: BinaryIO = _CountingReader(stream, on_bytes) if on_bytes else stream  # type: ignore[assignment]
     reader = tarfmt.TarReader(counted, source=source)
     try:
         for m in reader:
             read = reader.dense_reader(m) if m.type == REG else None
-            writer.add(m, read)
+            if not overlay_upper:
+                writer.add(m, read)
+                continue
+            if m.type == CHR and m.devmajor == 0 and m.devminor == 0:
+                writer.delete(m.name)
+                continue
+            opaque = m.xattrs.get(OVERLAY_XATTR_PREFIX + b"opaque") == b"y"
+            m.xattrs = {k: v for k, v in m.xattrs.items()
+                        if not k.startswith(OVERLAY_XATTR_PREFIX)}
+            writer.add(m, read, weak=not m.name, opaque=opaque and bool(m.name))
         return writer.finish()
     except BaseException:
         writer.abort()

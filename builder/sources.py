@@ -1,0 +1,81 @@
+"""Source trees: a release tarball plus ordered patches, checked on the build host.
+
+The tarball is unpacked with tarfile's "data" filter (no absolute names,
+no '..', no links out of the tree, no devices) into a private work
+directory, and each patch is applied there with GNU patch in order.  A
+patch that does not apply stops the build before any appliance starts.
+The patched tree becomes a file layer; the element's install scripts then
+configure, build and install it inside the rootfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+from .errors import UserError
+from .filelayers import FilePlan, plan_overlay
+from .recipe import Overlay
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unpack(archive: Path, dest: Path, *, where: str) -> Path:
+    """Unpack `archive` into `dest`; returns the source root (the single
+    top-level directory when there is one)."""
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    except tarfile.FilterError as e:
+        raise UserError(f"{archive}: refused member: {e}", where=where,
+                        hint="a source tarball may not hold absolute names, '..' or links "
+                             "that leave it") from None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"{archive}: cannot unpack: {e}", where=where,
+                        hint="expected a .tar, .tar.gz, .tar.xz or .tar.bz2 archive") from None
+    entries = list(dest.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return entries[0]
+    return dest
+
+
+def apply_patches(tree: Path, patches: list[Path], *, archive: Path, where: str) -> None:
+    if patches and shutil.which("patch") is None:
+        raise UserError("GNU patch is not installed on the build host",
+                        hint="apt-get install patch (./setup.sh does)")
+    for p in patches:
+        proc = subprocess.run(
+            ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch",
+             "-d", str(tree), "-i", str(p.resolve())],
+            capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+                     if "FAILED" in line or "malformed" in line or "can't find" in line
+                     or "Reversed" in line or "No such file" in line]
+            detail = lines[0].strip() if lines else (proc.stderr.strip().splitlines() or
+                                                     ["patch failed"])[-1]
+            raise UserError(f"patch {p.name} does not apply to {archive.name}: {detail}",
+                            where=where,
+                            hint="check the patch order and that it matches this release")
+
+
+def plan_source(archive: Path, patches: list[Path], dest: str, workdir: Path, *,
+                label: str, where: str) -> FilePlan:
+    """Unpack and patch into `workdir` (which must exist and stay until the
+    layer is written) and plan the patched tree at `dest` in the rootfs."""
+    root = unpack(archive, workdir, where=where)
+    apply_patches(root, patches, archive=archive, where=where)
+    plan = plan_overlay(Overlay(source=root, dest=dest), 0, where)
+    plan.kind = "source"
+    plan.label = label
+    plan.inputs = {str(archive): _sha256(archive), **{str(p): _sha256(p) for p in patches}}
+    return plan
