@@ -496,7 +496,7 @@ class _Reader:
         want = [d.decode("ascii", "replace").lower() for d in hdr.strings(T_PAYLOADDIGEST)]
         if rf.payload_hash.hexdigest() not in want:
             raise UserError(f"{self.path}: rpm payload does not match its digest",
-                            hint="the file is corrupt; download the package again")
+                            hint="the file is truncated or corrupt; download it again")
 
     # -- files
 
@@ -706,7 +706,7 @@ def plan_rpms(paths: list[Path], *, arch: str, passwd: dict[str, int], group: di
     `arch` is the rootfs's architecture as uname names it; `passwd` and
     `group` map the rootfs's user and group names to numbers (see
     read_user_maps).  Contents of files larger than SMALL_FILE are written
-    to `workdir`, which must exist and outlive the plan's write().
+    to `workdir`, an empty directory that must outlive the plan's write().
     """
     arch = _ARCH_ALIASES.get(arch, arch)
     plan = FilePlan("rpms", label)
