@@ -1,0 +1,151 @@
+"""Session fixtures: real images made with libguestfs, real builds via the CLI.
+
+Appliance launches are the expensive part (~10-20 s each under TCG), so
+images and builds are made once per session and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+            umask: int | None = None, timeout: float = 900) -> CliResult:
+    """Run `rootfs-build ARGS` as a separate process, as a pipeline would."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder.cli", *map(str, args)], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def fixture_image(session_dir: Path) -> Path:
+    """The openEuler-22.03-shaped qcow2 holding every fidelity case."""
+    from builder import sampleimage
+
+    path = session_dir / "images" / "openEuler-fixture.qcow2"
+    path.parent.mkdir()
+    sampleimage.make(path, fidelity=True)
+    return path
+
+
+FIXTURE_RECIPE = """\
+name: tricky
+base:
+  image: {image}
+elements: []
+overlays: []
+params: {{}}
+output:
+  formats: [tar, tar.gz, tar.zst]
+"""
+
+
+@dataclass
+class Build:
+    recipe: Path
+    out: Path
+    cache: Path
+    result: CliResult
+
+    @property
+    def dir(self) -> Path:
+        return self.out / self.result.json["name"]
+
+    def artifact(self, name: str) -> Path:
+        return self.dir / name
+
+
+@pytest.fixture(scope="session")
+def fixture_build(session_dir: Path, fixture_image: Path) -> Build:
+    """A cold build of the fixture (tar, tar.gz, tar.zst) with its own cache."""
+    work = session_dir / "build-a"
+    recipe = write_recipe(work / "recipe" / "tricky.yaml",
+                          FIXTURE_RECIPE.format(image=fixture_image))
+    res = run_cli(recipe, "-o", work / "out", "--cache-dir", work / "cache", "--json",
+                  env={"TZ": "UTC", "LC_ALL": "C.UTF-8"}, umask=0o022)
+    assert res.returncode == 0, res.stderr
+    return Build(recipe, work / "out", work / "cache", res)
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(session_dir: Path) -> Path:
+    """recipes/demo.yaml beside freshly made demo inputs (not the repo's copy)."""
+    from builder import demo
+
+    work = session_dir / "demo"
+    work.mkdir()
+    shutil.copy(REPO / "recipes" / "demo.yaml", work / "demo.yaml")
+    demo.prepare_inputs(work / "demo-inputs")
+    return work / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_build(session_dir: Path, demo_inputs: Path) -> Build:
+    work = session_dir / "demo-build-a"
+    res = run_cli(demo_inputs, "-o", work / "out", "--cache-dir", work / "cache", "--json",
+                  "--set", "output.formats=[tar, tar.zst, squashfs, raw, qcow2]")
+    assert res.returncode == 0, res.stderr
+    return Build(demo_inputs, work / "out", work / "cache", res)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below `root` in this mount namespace."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4]
+            if target == str(root) or target.startswith(str(root) + "/"):
+                out.append(target)
+    return out
+
+
+def extract_tar(tar: Path, dest: Path) -> None:
+    """Extract a rootfs tar as root, keeping owners, modes, xattrs, devices."""
+    dest.mkdir(parents=True, exist_ok=True)
+    args = ["tar", "--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--acls",
+            "-C", str(dest), "-xf", str(tar)]
+    if tar.suffix == ".zst":
+        args[-2:-2] = ["--zstd"]
+    subprocess.run(args, check=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a rootfs tree without crossing into anything mounted in it."""
+    assert not mounts_under(path), f"{path} still has mounts: {mounts_under(path)}"
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
