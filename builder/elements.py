@@ -189,7 +189,7 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
 
     paths = search_path(recipe)
     requested = [IMPLICIT_ELEMENT, *recipe.elements]
-    logging.getLogger("diskimage_builder").setLevel(logging.ERROR)
+    logging.getLogger("diskimage_builder").setLevel(logging.CRITICAL)  # we report
     try:
         found = dib.get_elements(requested, paths=":".join(str(p) for p in paths))
     except dib.MissingElementException as e:
@@ -200,7 +200,12 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
         raise UserError(f"element '{missing}' not found (required by {who})",
                         hint="searched " + ", ".join(map(str, paths))) from None
     except dib.AlreadyProvidedException as e:
-        raise UserError(f"{recipe.where('elements')}: an element is provided twice: {e}",
+        # dib's message is empty when a listed element is also provided by another one
+        detail = str(e) or "; ".join(
+            f"{name}: also provided by {', '.join(providers)}" for name in requested
+            if (providers := [d.name for base in paths for d in sorted(base.iterdir())
+                        if d.is_dir() and name in _deps_file(d / "element-provides")]))
+        raise UserError(f"{recipe.where('elements')}: an element is provided twice: {detail}",
                         hint="drop one of the elements that provide it") from None
     except dib.MissingOSException:
         raise UserError(f"element '{IMPLICIT_ELEMENT}' must provide 'operating-system'",
@@ -260,8 +265,10 @@ def load_element(name: str, path: Path) -> Element:
         where = locate(marks, key, yaml_path)
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            raise UserError(f"unknown key {dotted((*key, extra[0] if extra else '?'))}",
-                            where=where, hint="see 'element.yaml' in README.md")
+            unknown = (*key, extra[0] if extra else "?")
+            raise UserError(f"unknown key {dotted(unknown)}",
+                            where=locate(marks, unknown, yaml_path),
+                            hint="see 'element.yaml' in README.md")
         raise UserError(f"{dotted(key)}: {err.message[:200]}", where=where)
     return Element(name, path, spec, marks)
 
@@ -334,15 +341,15 @@ def resolve_params(recipe: Recipe, elements: list[Element]) -> ElementSet:
     for pname, spec in sorted(specs.items()):
         given = pname in recipe.params
         raw = recipe.params[pname] if given else spec.default
-        where = recipe.where("params", pname) if given else \
-            f"{PROJECT_ELEMENTS.name}/{spec.declared_by}/element.yaml"
+        where = recipe.where("params", pname) if given else next(
+            el for el in elements if el.name == spec.declared_by).where("params", pname, "default")
         try:
             value = _check_value(spec, raw, recipe, ("params", pname))
         except ValueError as e:
             raise UserError(f"params.{pname}: {e}", where=where) from None
         resolved[pname] = value
         for p in ([value] if spec.type in ("file", "dir") else
-                  value if spec.type == "files" else []):
+                  (value or []) if spec.type == "files" else []):
             if p is None:
                 continue
             ok = p.is_dir() if spec.type == "dir" else p.is_file()

@@ -85,7 +85,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "formats": {"type": "array", "minItems": 1, "uniqueItems": True,
                             "items": {"enum": list(FORMATS)}},
-                "size": {"type": ["integer", "string"]},
+                "size": {"type": ["integer", "string"], "minimum": 1},
                 "headroom": {"type": "number", "minimum": 0, "maximum": 10},
                 "qcow2_compressed": {"type": "boolean"},
                 "bundle": {"type": "boolean"},
@@ -193,17 +193,36 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
         line = f":{mark.line + 1}" if mark else ""
         problem = (e.problem or e.context or "invalid YAML").strip()
         raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as e:
+        lineno = text[:e.position].count("\n") + 1
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise UserError(f"{path}:{lineno}: invalid YAML: character {char} is not allowed",
+                        hint="remove control characters") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
     marks: dict[tuple[str | int, ...], str] = {}
     if node is None:
         return {}, marks
     constructor = yaml.constructor.SafeConstructor()
     seen: set[int] = set()
 
+    def construct(n: yaml.Node, key: tuple[str | int, ...]) -> Any:
+        try:
+            return constructor.construct_object(n)
+        except (yaml.YAMLError, ValueError, TypeError, LookupError, ArithmeticError,
+                AttributeError) as e:
+            # a bad tagged scalar (!!int abc) or a tag PyYAML has no constructor for
+            problem = getattr(e, "problem", None) or f"{n.tag} value {n.value!r} is invalid"
+            raise UserError(f"{path}:{n.start_mark.line + 1}: {dotted(key)}: {problem}"
+                            ) from None
+
     def convert(n: yaml.Node, key: tuple[str | int, ...]) -> Any:
         where = f"{path}:{n.start_mark.line + 1}"
         marks[key] = where
+        if len(key) > 64:
+            raise UserError(f"{where}: {what} is nested too deeply")
         if id(n) in seen:
             raise UserError(f"{where}: YAML aliases are not allowed in a {what}",
                             hint="write the value out")
@@ -213,7 +232,7 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
             for k_node, v_node in n.value:
                 if k_node.tag == "tag:yaml.org,2002:merge":
                     raise UserError(f"{where}: YAML merge keys (<<) are not allowed")
-                k = constructor.construct_object(k_node)
+                k = construct(k_node, key)
                 if not isinstance(k, str):
                     raise UserError(f"{path}:{k_node.start_mark.line + 1}: key {k!r} "
                                     f"under {dotted(key)} must be a string")
@@ -225,10 +244,7 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
             return out
         if isinstance(n, yaml.SequenceNode):
             return [convert(item, (*key, i)) for i, item in enumerate(n.value)]
-        try:
-            return constructor.construct_object(n)
-        except yaml.constructor.ConstructorError as e:
-            raise UserError(f"{where}: {dotted(key)}: {e.problem}") from None
+        return construct(n, key)
 
     return convert(node, ()), marks
 
@@ -248,7 +264,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str],
                             hint="e.g. --set params.host_ip=10.0.0.2")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
             value = raw
         parts: list[str | int] = [int(p) if p.isdigit() else p for p in key_text.split(".")]
         target: Any = data
@@ -257,6 +273,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str],
             if isinstance(target, dict) and isinstance(part, str):
                 if part not in target or not isinstance(target[part], dict | list):
                     target[part] = [] if isinstance(nxt, int) else {}
+                    marks[tuple(parts[:i + 1])] = f"--set {key_text}"
                 target = target[part]
             elif isinstance(target, list) and isinstance(part, int) and part < len(target):
                 target = target[part]
@@ -300,7 +317,7 @@ def _schema_error(err: jsonschema.ValidationError, marks: dict, path: Path) -> U
     if err.validator == "required":
         return UserError(f"{dotted(key)}: {err.message}", where=where,
                          hint="see the recipe reference in README.md")
-    if err.validator == "pattern" and key and key[-1] == "name" or key == ("name",):
+    if err.validator in ("pattern", "not") and key[-1:] == ("name",):
         return UserError(f"{dotted(key)}: {err.instance!r} may only hold A-Z a-z 0-9 . _ -",
                          where=where)
     if err.validator == "oneOf" and key[:1] == ("overlays",):
@@ -328,7 +345,7 @@ def _parse_size(value: Any, where: str) -> int | None:
         if text[-1:] in units:
             return int(float(text[:-1]) * units[text[-1]])
         return int(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"output.size: {value!r} is not a size (like 2G or 512M)",
                         where=where) from None
 
@@ -339,7 +356,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     data, marks = load_yaml(path)
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a mapping (name:, base:, ...)",
+        raise UserError(f"{locate(marks, (), path)}: a recipe is a mapping (name:, base:, ...)",
                         hint="see recipes/demo.yaml")
     touched = apply_overrides(data, overrides or [], marks)
     validator = jsonschema.Draft202012Validator(SCHEMA)

@@ -182,7 +182,8 @@ def encode_header(m: Member) -> bytes:
     if size >= _OCTAL_LIMITS[11]:
         records.append((b"size", b"%d" % size))
     mtime = min(max(m.mtime, 0), _OCTAL_LIMITS[11] - 1)
-    records += sorted(m.extra.items())
+    if m.type != LNK:
+        records += sorted(m.extra.items())
     if m.type != LNK:
         records += [(b"SCHILY.xattr." + k, v) for k, v in sorted(m.xattrs.items())]
     out = b""
@@ -207,8 +208,14 @@ def spool_and_scan(read, size: int, spool: BinaryIO) -> list[tuple[int, int]] | 
     pos = 0
     start: int | None = None
     while pos < size:
-        grain = read(min(HOLE_GRAIN, size - pos))
-        if not grain:
+        want = min(HOLE_GRAIN, size - pos)
+        grain = read(want)
+        while grain and len(grain) < want:  # readers may return short chunks:
+            more = read(want - len(grain))  # grains must stay aligned to the file
+            if not more:
+                break
+            grain += more
+        if len(grain) != want:
             raise TarFormatError("file data ended early")
         spool.write(grain)
         if len(grain) == HOLE_GRAIN and grain == _ZERO_GRAIN:
@@ -342,9 +349,9 @@ class TarReader:
         longname = longlink = None
         while True:
             block = self.f.read(BLOCK)
-            if not block or block == bytes(BLOCK) or len(block) < BLOCK:
-                if block and len(block) < BLOCK:
-                    raise TarFormatError(f"{self.source}: truncated tar header")
+            if block and len(block) < BLOCK:  # a pipe may return less: read on
+                block += _read_exact(self.f, BLOCK - len(block))
+            if not block or block == bytes(BLOCK):
                 return None
             try:
                 checksum = _parse_number(block[148:156])
@@ -403,6 +410,11 @@ class TarReader:
                 devmajor=_parse_number(block[329:337]) if typeflag in (CHR, BLK) else 0,
                 devminor=_parse_number(block[337:345]) if typeflag in (CHR, BLK) else 0,
             )
+            # base-256 fields can hold what the canonical header cannot write back
+            if not (size >= 0 and 0 <= m.uid < 1 << 32 and 0 <= m.gid < 1 << 32
+                    and 0 <= m.devmajor < _OCTAL_LIMITS[7]
+                    and 0 <= m.devminor < _OCTAL_LIMITS[7]):
+                raise ValueError("out of range")
         except ValueError:
             raise TarFormatError(f"{self.source}: malformed numeric field in tar header") from None
         # Only regular files keep data; a hard link's optional copy is skipped.
@@ -417,10 +429,13 @@ class TarReader:
             m.xattrs[b"security.selinux"] = selinux + b"\0"
         if pax.get(b"GNU.sparse.major") == b"1" and pax.get(b"GNU.sparse.minor") == b"0":
             name = pax.get(b"GNU.sparse.name", name)
-            m.size = int(pax[b"GNU.sparse.realsize"])
             self._remaining = stored
             self._pad = -stored % BLOCK
-            m.sparse = self._read_sparse_map()
+            try:
+                m.size = int(pax[b"GNU.sparse.realsize"])
+                m.sparse = self._read_sparse_map()
+            except (KeyError, ValueError):
+                raise TarFormatError(f"{self.source}: malformed pax sparse map") from None
         elif b"GNU.sparse.map" in pax or typeflag == b"S":
             raise TarFormatError(f"{self.source}: old GNU sparse formats are not supported",
                                  hint="write the tar with --format=posix")
@@ -431,7 +446,8 @@ class TarReader:
         m.name = normalize_name(name, what=f"{self.source}: member")
         if typeflag == LNK:
             m.linkname = normalize_name(linkname, what=f"{self.source}: hard link target")
-            m.xattrs.clear()
+            m.xattrs.clear()  # inode data lives on the anchor
+            m.extra.clear()
         elif typeflag == SYM:
             m.linkname = linkname
         return m
