@@ -185,8 +185,10 @@ class Tree:
                 node.group = (index, e.name)
             elif e.type == SYM:
                 node.linkname = e.linkname
-            if e.name and e.name.rpartition(b"/")[0] not in nodes:
-                self._ensure_parents(e.name, layer.label)
+            if e.name:
+                parent = nodes.get(e.name.rpartition(b"/")[0])
+                if parent is None or parent.type != DIR:
+                    self._ensure_parents(e.name, layer.label)
             nodes[e.name] = node
         if b"" not in nodes:
             nodes[b""] = Node(b"", DIR, None, None)
@@ -213,9 +215,9 @@ def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:
     linked = {n.group for n in tree.nodes.values() if n.type == LNK}
     anchor_of: dict[tuple[int, bytes], bytes] = {}
     for name in order:
-        group = tree.nodes[name].group
-        if group is not None and group in linked and group not in anchor_of:
-            anchor_of[group] = name
+        g = tree.nodes[name].group
+        if g is not None and g in linked and g not in anchor_of:
+            anchor_of[g] = name
     data_entries: dict[tuple[int, bytes], IndexEntry] = {}
     if anchor_of:
         for i, layer in enumerate(tree.layers):
@@ -223,7 +225,6 @@ def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:
             for e in layer.entries:
                 if e.name in wanted and e.type == REG:
                     data_entries[(i, e.name)] = e
-    del group
 
     def write(data: bytes) -> None:
         sink.write(data)

@@ -87,11 +87,11 @@ class Phase:
     @classmethod
     @contextlib.contextmanager
     def enter(cls, name: str) -> Iterator[None]:
+        # Not restored when an exception leaves the phase: the error report
+        # then says where the build stopped.
         previous, cls.current = cls.current, name
-        try:
-            yield
-        finally:
-            cls.current = previous
+        yield
+        cls.current = previous
 
 
 def digest(doc: Any) -> str:
@@ -511,6 +511,8 @@ class Builder:
                                       "details": img.details})
         if scratch_tar:
             (staging / "rootfs.tar").unlink()
+        for a in artifacts:  # not the umask's business: the bundle records modes
+            os.chmod(staging / a["path"], 0o644)
         return artifacts, stats
 
     def manifest(self, es: elements.ElementSet, epoch: int, epoch_source: str,

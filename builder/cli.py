@@ -210,22 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if ui.verbose():
             traceback.print_exc()
-        print(f"rootfs-build: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
-        print(f"rootfs-build: interrupted during {_phase()}; nothing was published",
-              file=sys.stderr)
-        return 130
+        return _fail(args, f"interrupted during {_phase()}; nothing was published", 130)
     except BuildInterrupted as e:
-        print(f"rootfs-build: stopped by signal {e.signum} during {e.phase}; nothing was "
-              "published", file=sys.stderr)
-        return 128 + e.signum
+        return _fail(args, f"stopped by signal {e.signum} during {e.phase}; nothing was "
+                     "published", 128 + e.signum)
     except OSError as e:
         if ui.verbose():
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        print(f"rootfs-build: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(args, f"error: {where}{e.strerror or e}", 1)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """One line on stderr; with --json also {"error", "phase", "appliance_launches"}."""
+    print(f"rootfs-build: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        launches = sys.modules["builder.guestfs_io"].launches \
+            if "builder.guestfs_io" in sys.modules else 0
+        print(json.dumps({"error": message, "phase": _phase(), "exit_code": code,
+                          "appliance_launches": launches}, sort_keys=True))
+    return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import stat
 import string
@@ -189,6 +190,7 @@ class _Template(string.Template):
     """@{name} placeholders: shell's $ and "$@" stay untouched; @@ is a literal @."""
 
     delimiter = "@"
+    flags = re.RegexFlag(0)  # names are lower case; @{Other} is left as text
     pattern = r"""@(?:
         (?P<escaped>@) |
         \{(?P<braced>[a-z][a-z0-9_]*)\} |

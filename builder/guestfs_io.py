@@ -33,7 +33,8 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
-# Appliance launches in this process (the build summary and the tests read it).
+# Appliances started in this process (the build summary and the tests read it);
+# a KVM attempt that fails before the appliance runs does not count.
 launches = 0
 _tcg_only = False
 
@@ -200,12 +201,12 @@ class Appliance:
         """launch(), with libguestfs' own stderr chatter kept out of the user's
         way (shown with -v)."""
         global launches
-        launches += 1
         saved = os.dup(2)
         with tempfile.TemporaryFile() as log:
             os.dup2(log.fileno(), 2)
             try:
                 self.call("launch")
+                launches += 1
                 self._pid = self.g.get_pid()
             finally:
                 os.dup2(saved, 2)

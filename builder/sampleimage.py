@@ -76,8 +76,19 @@ def _host_libs(binary: str) -> list[str]:
     return libs
 
 
-def root_tree(*, fidelity: bool) -> bytes:
-    """The tar of the root filesystem."""
+def fake_elf(machine: int) -> bytes:
+    """A 64-byte little-endian ELF64 executable header for `machine` (not runnable)."""
+    ident = b"\x7fELF\x02\x01\x01" + bytes(9)
+    return (ident + (2).to_bytes(2, "little") + machine.to_bytes(2, "little")
+            + (1).to_bytes(4, "little") + bytes(24) + (64).to_bytes(2, "little") + bytes(12))
+
+
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+
+
+def root_tree(*, fidelity: bool, arch: str | None = None) -> bytes:
+    """The tar of the root filesystem.  For an `arch` other than the build
+    host's, the programs are ELF headers of that arch, not working binaries."""
     t = _TarBuilder()
     for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/libexec", "etc", "var/lib",
               "var/run", "var/cache", "var/log", "home", "root", "tmp", "boot", "dev", "proc",
@@ -93,7 +104,10 @@ def root_tree(*, fidelity: bool) -> bytes:
     t.file("etc/group", b"root:x:0:\n")
     t.file("etc/hostname", b"openeuler-demo\n")
     copied: set[str] = set()
-    for tool in HOST_TOOLS:
+    if arch is not None and arch != os.uname().machine:
+        for tool in HOST_TOOLS:
+            t.file(f"usr/bin/{tool}", fake_elf(ELF_MACHINES[arch]), 0o755)
+    for tool in HOST_TOOLS if arch is None or arch == os.uname().machine else ():
         host = f"/usr/bin/{tool}"
         if not os.path.exists(host):
             continue
@@ -167,14 +181,15 @@ def boot_tree() -> bytes:
     return t.getvalue()
 
 
-def make(path: Path, *, fidelity: bool = False, fmt: str = "qcow2") -> None:
+def make(path: Path, *, fidelity: bool = False, fmt: str = "qcow2",
+         arch: str | None = None) -> None:
     """Write an openEuler-shaped disk image to `path` (atomically)."""
     work = path.parent / f".{path.name}.trees-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
         root_tar = work / "root.tar"
         boot_tar = work / "boot.tar"
-        root_tar.write_bytes(root_tree(fidelity=fidelity))
+        root_tar.write_bytes(root_tree(fidelity=fidelity, arch=arch))
         boot_tar.write_bytes(boot_tree())
         guestfs_io.make_disk_image(
             path, fmt=fmt, size_mib=256,

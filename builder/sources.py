@@ -11,6 +11,7 @@ configure, build and install it inside the rootfs.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tarfile
@@ -29,16 +30,58 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _refuse(archive: Path, name: str, why: str, where: str) -> UserError:
+    return UserError(f"{archive}: refused member {name!r}: {why}", where=where,
+                     hint="a source tarball may only hold files, directories and links "
+                          "that stay inside it")
+
+
 def unpack(archive: Path, dest: Path, *, where: str) -> Path:
-    """Unpack `archive` into `dest`; returns the source root (the single
-    top-level directory when there is one)."""
+    """Unpack `archive` into `dest` safely; returns the source root (the single
+    top-level directory when there is one).
+
+    Only directories, regular files, and links that stay inside the tree are
+    accepted; nothing is written through a symlink.  Modes keep only the x
+    bit, owners are the caller's (it is a source tree, not a rootfs).
+    """
+    root = dest.resolve()
     try:
         with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    except tarfile.FilterError as e:
-        raise UserError(f"{archive}: refused member: {e}", where=where,
-                        hint="a source tarball may not hold absolute names, '..' or links "
-                             "that leave it") from None
+            for m in tf:
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                if m.name.startswith("/") or ".." in parts:
+                    raise _refuse(archive, m.name, "absolute or '..' name", where)
+                if not parts:
+                    continue
+                target = root.joinpath(*parts)
+                if target.parent.resolve() != target.parent or \
+                        not target.parent.resolve().is_relative_to(root):
+                    raise _refuse(archive, m.name, "its directory is a symlink", where)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif m.isreg():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tf.extractfile(m)
+                    assert src is not None
+                    with open(target, "xb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    target.chmod(0o755 if m.mode & 0o100 else 0o644)
+                elif m.issym() or m.islnk():
+                    link = m.linkname
+                    base = target.parent if m.issym() else root
+                    resolved = os.path.normpath(os.path.join(base, link))
+                    if link.startswith("/") or not Path(resolved).is_relative_to(root):
+                        raise _refuse(archive, m.name, "link leaves the tree", where)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if m.issym():
+                        os.symlink(link, target)
+                    else:
+                        os.link(resolved, target, follow_symlinks=False)
+                else:
+                    raise _refuse(archive, m.name, "device, fifo or other special file",
+                                  where)
+    except UserError:
+        raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"{archive}: cannot unpack: {e}", where=where,
                         hint="expected a .tar, .tar.gz, .tar.xz or .tar.bz2 archive") from None

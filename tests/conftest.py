@@ -149,3 +149,13 @@ def remove_tree(path: Path) -> None:
     """Delete a rootfs tree without crossing into anything mounted in it."""
     assert not mounts_under(path), f"{path} still has mounts: {mounts_under(path)}"
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single error line of a failed run (warnings aside); fails otherwise."""
+    lines = [line for line in stderr.strip().splitlines() if line]
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in lines if not line.startswith("rootfs-build: warning:")]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith("rootfs-build: "), errors[0]
+    return errors[0]

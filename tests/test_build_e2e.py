@@ -14,7 +14,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import FIXTURE_RECIPE, Build, run_cli, write_recipe
 
 pytestmark = pytest.mark.appliance
@@ -132,9 +131,12 @@ def test_changing_a_file_layer_rebuilds_only_it_without_the_appliance(
         member = tf.getmember("./etc/motd.d/hello")
         assert (member.uid, member.gid, member.mode) == (0, 0, 0o644)
         assert tf.extractfile(member).read() == b"second\n"  # type: ignore[union-attr]
-        # /etc keeps the base's metadata: the overlay's directories are only gap-fillers
-        base_etc = tarfile.open(fixture_build.artifact("rootfs.tar")).getmember("./etc")
-        assert tf.getmember("./etc").mode == base_etc.mode
+        # /etc keeps the base's entry: the overlay's directories only fill gaps
+        etc = tf.getmember("./etc")
+    with tarfile.open(fixture_build.artifact("rootfs.tar")) as base:
+        base_etc = base.getmember("./etc")
+    assert (etc.mode, etc.mtime) == (base_etc.mode, base_etc.mtime)
+    assert base_etc.mtime < second["epoch"]
 
 
 # ---------------------------------------------------------------------------
