@@ -436,6 +436,7 @@ class Builder:
     def run(self) -> BuildResult:
         start = time.monotonic()
         launches_before = guestfs_io.launches
+        self.cache.clean_orphans()  # leftovers of killed builds
         es = self.prepare()
         out = outputs.OutputDir(self.opts.output_root, self.recipe.name)
         try:
