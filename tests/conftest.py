@@ -159,3 +159,21 @@ def one_error_line(stderr: str) -> str:
     assert len(errors) == 1, stderr
     assert errors[0].startswith("rootfs-build: "), errors[0]
     return errors[0]
+
+
+def read_tar(path: Path) -> dict[str, tuple[object, bytes | None]]:
+    """name -> (TarInfo, content of regular files) of a .tar / .tar.gz / .tar.zst."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    raw = path.read_bytes()
+    if path.suffix == ".zst":
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+    out: dict[str, tuple[object, bytes | None]] = {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tf:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read() if m.isreg() else None  # type: ignore[union-attr]
+            out[m.name] = (m, data)
+    return out
