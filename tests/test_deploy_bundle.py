@@ -309,3 +309,132 @@ def test_installer_help_documents_the_scripts_location(tmp_path: Path) -> None:
     assert r.returncode == 2 and "refusing to install into /usr" in r.stderr
     r = install(bdir)
     assert r.returncode == 2 and "--target DIR is required" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# bundles carrying images (issue 5): install.sh only copies an image (prepare.sh
+# mounts it), so stand-ins with the right magic numbers are enough here; the
+# real images are mounted in test_deploy_e2e.py.
+
+FAKE_IMAGES = {
+    "rootfs.raw": b"\0" * 1080 + b"\x53\xef" + b"\0" * 2966,       # ext4 superblock magic
+    "rootfs.squashfs": b"hsqs" + b"\0" * 4092,
+    "rootfs.qcow2": b"QFI\xfb" + b"\0" * 4092,
+}
+
+
+def image_output(tmp: Path, images: list[str], tar: bool = False) -> Path:
+    """<tmp>/out/demo/ with the given (stand-in) images and optionally rootfs.tar."""
+    if tar:
+        out, _ = build_output(tmp)
+    else:
+        out = tmp / "out" / "demo"
+        out.mkdir(parents=True)
+        render_deploy(out, DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777),
+                      mount_table([], "mounts"))
+        (out / "manifest.json").write_text('{"name": "demo"}\n')
+    for name in images:
+        (out / name).write_bytes(FAKE_IMAGES[name])
+    write_sums(out)
+    return out
+
+
+def conf_of(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_bundle_with_images_only_and_the_format_choice(tmp_path: Path) -> None:
+    out = image_output(tmp_path, ["rootfs.raw", "rootfs.squashfs", "rootfs.qcow2"])
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    assert (bdir / "rootfs.raw").read_bytes() == FAKE_IMAGES["rootfs.raw"]
+    target = tmp_path / "site/rootfs"
+    # default: raw before squashfs (a tarball would come first)
+    r = install(bdir, "--target", str(target), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"would install rootfs.raw as {target}.raw, mounted on {target}" in r.stdout
+    r = install(bdir, "--target", str(target), "--dry-run", "--format", "squashfs")
+    assert r.returncode == 0, r.stderr
+    assert f"would install rootfs.squashfs as {target}.squashfs" in r.stdout
+    r = install(bdir, "--target", str(target), "--dry-run", "--format", "tar")
+    assert r.returncode == 1 and "the bundle has no tar artifact" in r.stderr
+    r = install(bdir, "--target", str(target), "--dry-run", "--format", "qcow2")
+    assert r.returncode == 1 and "qemu-nbd" in r.stderr
+    r = install(bdir, "--target", str(target), "--dry-run", "--format", "ext4")
+    assert r.returncode == 2 and "is not one of tar, raw, squashfs" in r.stderr
+    assert not (tmp_path / "site").exists()
+
+
+def test_qcow2_only_bundle_is_refused(tmp_path: Path) -> None:
+    out = image_output(tmp_path, ["rootfs.qcow2"])
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "needs qemu-nbd" in r.stderr and "qemu-img convert -O raw" in r.stderr
+    assert "nothing was installed" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert listing(site) == []
+
+
+def test_install_refuses_an_image_of_the_wrong_kind(tmp_path: Path) -> None:
+    out = image_output(tmp_path, [])
+    (out / "rootfs.raw").write_bytes(FAKE_IMAGES["rootfs.squashfs"])
+    write_sums(out)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"), "--dry-run")
+    assert r.returncode == 1 and "rootfs.raw is not a raw ext4 image" in r.stderr
+    assert listing(site) == []
+
+
+@pytest.mark.root
+def test_install_image_then_tar_and_back(tmp_path: Path) -> None:
+    out = image_output(tmp_path, ["rootfs.raw"], tar=True)
+    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    target, image, deploy = site / "rootfs", site / "rootfs.raw", site / "rootfs.deploy"
+    try:
+        # a tarball is preferred; --format raw installs the image
+        r = install(bdir, "--target", str(target), "--dry-run")
+        assert r.returncode == 0 and "would install rootfs.tar into" in r.stdout
+        r = install(bdir, "--target", str(target), "--format", "raw")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert image.read_bytes() == FAKE_IMAGES["rootfs.raw"]
+        assert stat.S_IMODE(image.stat().st_mode) == 0o600
+        assert target.is_dir() and listing(target) == []
+        conf = conf_of(deploy / "offload.conf")
+        assert conf["ROOTFS"] == str(target) and conf["ROOTFS_IMAGE"] == str(image)
+        assert sorted(p.name for p in site.iterdir()) == ["rootfs", "rootfs.deploy", "rootfs.raw"]
+        # again: the image exists
+        r = install(bdir, "--target", str(target), "--format", "raw")
+        assert r.returncode == 1 and f"{image} exists (--force replaces it)" in r.stderr
+        image.write_bytes(b"old")
+        r = install(bdir, "--target", str(target), "--format", "raw", "--force")
+        assert r.returncode == 0, r.stderr
+        assert image.read_bytes() == FAKE_IMAGES["rootfs.raw"]
+        # the operator edits the config; a tarball over it: the operator's file
+        # is kept, but says where the rootfs is now
+        (deploy / "offload.conf").write_text((deploy / "offload.conf").read_text()
+                                             + "# edited by the operator\n")
+        r = install(bdir, "--target", str(target), "--format", "tar")
+        assert r.returncode == 0, r.stderr
+        assert (target / "etc/hostname").read_text() == "dpu\n"
+        kept = (deploy / "offload.conf").read_text()
+        assert "# edited by the operator\n" in kept and conf_of(deploy / "offload.conf")[
+            "ROOTFS_IMAGE"] == ""
+        assert "set ROOTFS and ROOTFS_IMAGE in your" in r.stderr
+        assert f"{image} (installed before) is no longer used" in r.stderr
+        assert conf_of(deploy / "offload.conf.new")["ROOTFS_IMAGE"] == ""
+        # and back to the image: the rootfs tree is in the way without --force
+        r = install(bdir, "--target", str(target), "--format", "raw")
+        assert r.returncode == 1 and "is not empty (--force replaces it)" in r.stderr
+        r = install(bdir, "--target", str(target), "--format", "raw", "--force")
+        assert r.returncode == 0, r.stderr
+        assert listing(target) == [] and image.read_bytes() == FAKE_IMAGES["rootfs.raw"]
+        assert conf_of(deploy / "offload.conf")["ROOTFS_IMAGE"] == str(image)
+        assert not [p for p in site.iterdir() if ".installing." in p.name or ".old." in p.name]
+    finally:
+        remove_tree(site)

@@ -167,6 +167,9 @@ BAD_CONF_LINES = [
     "QTFS_KO=$(touch {marker})",
     "QTFS_LOG_LEVEL=INFO`touch {marker}`",
     "DPU_KERNEL=6.6 x",
+    "ROOTFS_IMAGE=/x.raw; touch {marker}",
+    "ROOTFS_IMAGE=/",
+    "ROOTFS_IMAGE_RO=yes",
     "touch {marker}",
     "EVIL=1",
 ]
@@ -192,6 +195,45 @@ def test_scripts_reject_bad_offload_conf(tmp_path: Path, line: str) -> None:
         assert r.stdout == ""
         assert len(r.stderr.splitlines()) == 1 and f"{bad}:" in r.stderr, r.stderr
         assert not marker.exists()
+
+
+def test_prepare_checks_the_rootfs_image(tmp_path: Path) -> None:
+    out, _ = _render_all(tmp_path)
+    root = tmp_path / "root"
+    conf = (out / "dpu/offload.conf").read_text()
+    assert "ROOTFS_IMAGE=\n" in conf and "ROOTFS_IMAGE_RO=0\n" in conf
+
+    def prepare(image: Path) -> subprocess.CompletedProcess[str]:
+        c = tmp_path / "image.conf"
+        c.write_text(conf.replace("ROOTFS_IMAGE=\n", f"ROOTFS_IMAGE={image}\n"))
+        return subprocess.run([str(out / "dpu/prepare.sh"), "--root", str(root), "--config",
+                               str(c), "--dry-run", "--rehearse", str(tmp_path / "host")],
+                              capture_output=True, text=True,
+                              env={"ROOTFS_BUILD_STATE_DIR": str(tmp_path / "state"),
+                                   "PATH": "/usr/bin:/bin"})
+
+    qcow2 = tmp_path / "rootfs.qcow2"
+    qcow2.write_bytes(b"QFI\xfb" + b"\0" * 2044)
+    r = prepare(qcow2)
+    assert r.returncode == 1 and "needs qemu-nbd" in r.stderr, r.stderr
+    assert f"qemu-img convert -O raw {qcow2} {tmp_path}/rootfs.raw" in r.stderr
+    other = tmp_path / "rootfs.raw"
+    other.write_bytes(b"\0" * 4096)
+    r = prepare(other)
+    assert r.returncode == 1 and "neither a raw ext4 nor a squashfs image" in r.stderr
+    r = prepare(tmp_path / "missing.raw")
+    assert r.returncode == 1 and "is not a file" in r.stderr
+    root.mkdir()
+    r = prepare(root / "inside.raw")
+    assert r.returncode == 2 and "must lie outside the rootfs" in r.stderr
+    # a squashfs: the mount it would make (read-only), then the table
+    sqfs = tmp_path / "rootfs.squashfs"
+    sqfs.write_bytes(b"hsqs" + b"\0" * 4092)
+    r = prepare(sqfs)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "would run: mount" in line]
+    assert lines[0] == f"prepare.sh: would run: mount -t squashfs -o loop\\,ro -- {sqfs} {root}"
+    assert not (tmp_path / "state").exists()
 
 
 def test_scripts_accept_the_rendered_conf(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The offline provisioning bundle: ``<output_root>/<name>.bundle.tar``.
 
 Layout: ``<name>/install.sh`` plus everything in ``<output_root>/<name>/``
-(the rootfs artifact, dpu/, host/, manifest.json, SHA256SUMS), so
+(the rootfs artifacts: tarballs and/or images, dpu/, host/, manifest.json,
+SHA256SUMS), so
 ``tar -xf <name>.bundle.tar`` gives ``<name>/install.sh``.  The bytes are
 reproducible: canonical tar members (builder.tarfmt), sorted names, mtimes
 set to the epoch, owner 0, file modes kept, directories 0755.
@@ -27,14 +28,19 @@ from .render import render_template
 
 SUMS = "SHA256SUMS"
 INSTALLER = "install.sh"
-# Rootfs artifacts install.sh can install, file name -> kind, in install.sh's
-# order of preference (it installs the first present).  An image kind
-# (rootfs.raw, .qcow2, .squashfs) would be added here and in the artifact
-# section of templates/deploy-install.sh.
+# Rootfs artifacts a bundle can carry, file name -> kind, in install.sh's
+# order of preference (without --format it installs the first present; the
+# same list is in templates/deploy-install.sh).  A tar is extracted into the
+# target; rootfs.raw / rootfs.squashfs are copied next to it for prepare.sh
+# to loop-mount (ROOTFS_IMAGE); install.sh refuses rootfs.qcow2, which needs
+# qemu-nbd, with a hint to convert it.
 ARTIFACT_KINDS = {
     "rootfs.tar": "tar",
     "rootfs.tar.zst": "tar",
     "rootfs.tar.gz": "tar",
+    "rootfs.raw": "raw",
+    "rootfs.squashfs": "squashfs",
+    "rootfs.qcow2": "qcow2",
 }
 SUM_LINE_RE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 REL_PATH_RE = re.compile(r"^[A-Za-z0-9._+@%=:,-][A-Za-z0-9._+@%=:,/-]*$")

@@ -302,6 +302,12 @@ def _offload_conf(cfg: DeployConfig) -> str:
 
 # the rootfs directory on this DPU
 ROOTFS={cfg.rootfs}
+# a raw ext4 or squashfs image of the rootfs that prepare.sh loop-mounts on
+# ROOTFS first (install.sh --format raw|squashfs sets it); empty: none, ROOTFS
+# holds the rootfs itself
+ROOTFS_IMAGE=
+# 1: mount a raw image read-only (a squashfs image always is)
+ROOTFS_IMAGE_RO=0
 # the host: rexec_server, QMP and the VMs' consoles (written to hostaddr)
 HOST_IP={cfg.host_ip}
 # qtfs server (qtfs.ko's qtfs_server_ip); empty: HOST_IP
@@ -372,8 +378,9 @@ def _dpu_readme(cfg: DeployConfig, shipped_ko: bool) -> str:
 DPU side of image {cfg.name} (copy this directory to the DPU; install.sh of the
 bundle puts it next to the rootfs as <target>.deploy/).
 
-offload.conf       settings: rootfs path, host address, ports, qtfs log level
-prepare.sh         load qtfs.ko, write the rexec files, mount everything into the rootfs
+offload.conf       settings: rootfs path (and image), host address, ports, qtfs log level
+prepare.sh         load qtfs.ko, write the rexec files, loop-mount the rootfs image
+                   (ROOTFS_IMAGE, if set), mount everything into the rootfs
 start-libvirtd.sh  start virtlogd and libvirtd chrooted into the prepared rootfs
 status.sh          show which mounts are up
 teardown.sh        stop the daemons, unmount everything, unload qtfs

@@ -58,9 +58,10 @@ is_ipv6() {
 is_ip() { is_ipv4 "$1" || is_ipv6 "$1"; }
 
 # --- offload.conf ------------------------------------------------------------
-CONF_KEYS="ROOTFS HOST_IP QTFS_SERVER_IP REXEC_PORT QMP_PORT QTFS_LOG_LEVEL QTFS_KO DPU_KERNEL"
+CONF_KEYS="ROOTFS ROOTFS_IMAGE ROOTFS_IMAGE_RO HOST_IP QTFS_SERVER_IP REXEC_PORT QMP_PORT"
+CONF_KEYS+=" QTFS_LOG_LEVEL QTFS_KO DPU_KERNEL"
 CFG_ROOTFS="" CFG_HOST_IP="" CFG_QTFS_SERVER_IP="" CFG_REXEC_PORT="" CFG_QMP_PORT=""
-CFG_QTFS_LOG_LEVEL="" CFG_QTFS_KO="" CFG_DPU_KERNEL=""
+CFG_QTFS_LOG_LEVEL="" CFG_QTFS_KO="" CFG_DPU_KERNEL="" CFG_ROOTFS_IMAGE="" CFG_ROOTFS_IMAGE_RO=0
 
 # load_config FILE: strict KEY=VALUE lines; blank lines and '#' comments
 # allowed; one optional pair of surrounding quotes is stripped; every value is
@@ -86,6 +87,14 @@ load_config() {
                 die "$at: ROOTFS: $(shown "$value") is not an absolute path of plain characters (not /)"
             fi
             CFG_ROOTFS=$value ;;
+        ROOTFS_IMAGE)
+            if [[ -n $value ]] && { ! is_path "$value" || [[ $value == / ]]; }; then
+                die "$at: ROOTFS_IMAGE: $(shown "$value") is not an absolute path of plain characters"
+            fi
+            CFG_ROOTFS_IMAGE=$value ;;
+        ROOTFS_IMAGE_RO)
+            [[ $value =~ ^[01]?$ ]] || die "$at: ROOTFS_IMAGE_RO: $(shown "$value") is not 0 or 1"
+            CFG_ROOTFS_IMAGE_RO=${value:-0} ;;
         HOST_IP)
             is_ip "$value" || die "$at: HOST_IP: $(shown "$value") is not an IP address"
             CFG_HOST_IP=$value ;;
@@ -168,6 +177,17 @@ setup_root() {
     [[ $ROOT != / ]] || die "the rootfs cannot be / (see --root / ROOTFS)"
 }
 
+# setup_image: IMAGE = canonical path of ROOTFS_IMAGE (or ""), outside ROOT.
+IMAGE=""
+setup_image() {
+    IMAGE=""
+    [[ -n $CFG_ROOTFS_IMAGE ]] || return 0
+    IMAGE=$(realpath -m -- "$CFG_ROOTFS_IMAGE") || die "cannot resolve ROOTFS_IMAGE $CFG_ROOTFS_IMAGE"
+    is_path "$IMAGE" || die "ROOTFS_IMAGE $(shown "$IMAGE") is not a path of plain characters"
+    [[ $IMAGE != "$ROOT" && $IMAGE != "$ROOT"/* ]] ||
+        die "ROOTFS_IMAGE $IMAGE must lie outside the rootfs $ROOT"
+}
+
 setup_rehearse() {
     [[ -n $REHEARSE ]] || return 0
     absolute "$REHEARSE"
@@ -195,18 +215,21 @@ run() {
 }
 
 # --- the mount table as the kernel sees it ------------------------------------
-MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=()
+MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()
 read_mountinfo() {
-    MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=()
-    local id parent _dev _root mp rest fstype
+    MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()
+    local id parent _dev _root mp rest fstype source
     while read -r id parent _dev _root mp rest; do
         fstype=${rest#* - }
+        source=${fstype#* }
+        source=${source%% *}
         fstype=${fstype%% *}
         mp=${mp//\\040/ }
         mp=${mp//\\011/$'\t'}
         mp=${mp//\\012/$'\n'}
         mp=${mp//\\134/\\}
         MI_ID+=("$id") MI_PARENT+=("$parent") MI_PATH+=("$mp") MI_FSTYPE+=("$fstype")
+        MI_SOURCE+=("$source")
     done </proc/self/mountinfo
 }
 
@@ -224,6 +247,56 @@ mounts_at() {
 }
 
 under_root() { [[ $1 == "$ROOT"/* ]]; }
+
+# --- the rootfs image (ROOTFS_IMAGE), loop-mounted on ROOT ------------------------
+# image_kind FILE: REPLY = ext4, squashfs, qcow2 or "" (by magic number)
+image_kind() {
+    local m
+    REPLY=""
+    m=$(od -An -tx1 -N4 -- "$1" 2>/dev/null | tr -d ' \n') || m=""
+    case $m in
+    68737173) REPLY=squashfs; return 0 ;;
+    514649fb) REPLY=qcow2; return 0 ;;
+    esac
+    m=$(od -An -tx1 -j1080 -N2 -- "$1" 2>/dev/null | tr -d ' \n') || m=""
+    [[ $m != 53ef ]] || REPLY=ext4
+    return 0
+}
+
+# loop_backing DEV: REPLY = the file behind loop device DEV (/dev/loopN), or ""
+loop_backing() {
+    local n=${1#/dev/}
+    REPLY=""
+    [[ $n =~ ^loop[0-9]+$ && -r /sys/block/$n/loop/backing_file ]] || return 0
+    read -r REPLY <"/sys/block/$n/loop/backing_file" || REPLY=""
+    return 0
+}
+
+# image_loops FILE: IMAGE_LOOPS = the loop devices FILE is attached to
+image_loops() {
+    local f b
+    IMAGE_LOOPS=()
+    for f in /sys/block/loop*/loop/backing_file; do
+        [[ -r $f ]] || continue
+        read -r b <"$f" || continue
+        [[ $b == "$1" ]] || continue
+        f=${f#/sys/block/}
+        IMAGE_LOOPS+=("/dev/${f%%/*}")
+    done
+}
+
+# image_at_root FILE: is the top mount on ROOT a loop mount of FILE?  Call
+# read_mountinfo first; sets ROOT_TOP_SRC / ROOT_TOP_FSTYPE ("" if ROOT is no mount point).
+image_at_root() {
+    local i
+    ROOT_TOP_SRC="" ROOT_TOP_FSTYPE=""
+    for i in "${!MI_PATH[@]}"; do
+        [[ ${MI_PATH[i]} != "$ROOT" ]] || ROOT_TOP_SRC=${MI_SOURCE[i]} ROOT_TOP_FSTYPE=${MI_FSTYPE[i]}
+    done
+    [[ -n $ROOT_TOP_SRC && -n $1 ]] || return 1
+    loop_backing "$ROOT_TOP_SRC"
+    [[ -n $REPLY && $REPLY == "$1" ]]
+}
 
 # resolve_in_root ROOT PATH: REPLY = ROOT + PATH with every symlink followed as
 # if ROOT were / (absolute links and '..' never leave ROOT).
@@ -268,20 +341,26 @@ take_lock() {
 
 # read_state: REC_IDX/REC_PATH = recorded mounts in order; REC_BY_IDX only when
 # the records belong to this very table; SKIPPED_BY_IDX = entries prepare skipped.
-REC_IDX=() REC_PATH=()
+# REC_IMAGE = ROOT when prepare recorded mounting ROOTFS_IMAGE (STATE_IMAGE) there.
+REC_IDX=() REC_PATH=() REC_IMAGE=""
 declare -A REC_BY_IDX=() SKIPPED_BY_IDX=()
-STATE_TABLE="" STATE_MODE=""
+STATE_TABLE="" STATE_MODE="" STATE_IMAGE=""
 read_state() {
     local idx path key value
-    REC_IDX=() REC_PATH=() REC_BY_IDX=() SKIPPED_BY_IDX=()
-    STATE_TABLE="" STATE_MODE=""
+    REC_IDX=() REC_PATH=() REC_BY_IDX=() SKIPPED_BY_IDX=() REC_IMAGE=""
+    STATE_TABLE="" STATE_MODE="" STATE_IMAGE=""
     if [[ -f $STATE_INFO ]]; then
         while IFS='=' read -r key value; do
-            case $key in table) STATE_TABLE=$value ;; mode) STATE_MODE=$value ;; esac
+            case $key in
+            table) STATE_TABLE=$value ;;
+            mode) STATE_MODE=$value ;;
+            image) if is_path "$value"; then STATE_IMAGE=$value; fi ;;
+            esac
         done <"$STATE_INFO"
     fi
     if [[ -f $STATE_MOUNTS ]]; then
         while IFS=$'\t' read -r idx path; do
+            if [[ $idx == image && $path == "$ROOT" ]]; then REC_IMAGE=$path; continue; fi
             if ! [[ $idx =~ ^[0-9]+$ ]] || ! is_path "$path"; then continue; fi
             REC_IDX+=("$idx") REC_PATH+=("$path")
             [[ $STATE_TABLE != "$TABLE_ID" ]] || REC_BY_IDX[$idx]=$path
@@ -331,6 +410,40 @@ rootfs_pids() {
 pid_comm() {
     REPLY=""
     { read -r REPLY <"/proc/$1/comm"; } 2>/dev/null || REPLY=""
+    return 0
+}
+
+# rootfs_daemons: DAEMON_PIDS / DAEMON_NAMES = the libvirt daemons running from
+# the rootfs, found by name or through their pid file <rootfs>/var/run/NAME.pid
+# (a daemon may run under another name, like the demo's stand-ins);
+# OTHER_PIDS = the other processes inside the rootfs, as pid(name).
+rootfs_daemons() {
+    local pid name p
+    local -A inside=() seen=()
+    DAEMON_PIDS=() DAEMON_NAMES=() OTHER_PIDS=()
+    rootfs_pids
+    for pid in "${ROOT_PIDS[@]}"; do
+        inside[$pid]=1
+        pid_comm "$pid"
+        case $REPLY in
+        libvirtd | virtlogd | virtlockd)
+            DAEMON_PIDS+=("$pid") DAEMON_NAMES+=("$REPLY")
+            seen[$pid]=1 ;;
+        esac
+    done
+    for name in virtlogd libvirtd virtlockd; do
+        resolve_in_root "$ROOT" "/var/run/$name.pid" || continue
+        [[ -f $REPLY ]] || continue
+        p=$(head -c 32 -- "$REPLY" 2>/dev/null | tr -dc '0-9') || p=""
+        [[ -n $p && -n ${inside[$p]:-} && -z ${seen[$p]:-} ]] || continue
+        DAEMON_PIDS+=("$p") DAEMON_NAMES+=("$name")
+        seen[$p]=1
+    done
+    for pid in "${ROOT_PIDS[@]}"; do
+        [[ -n ${seen[$pid]:-} ]] && continue
+        pid_comm "$pid"
+        if [[ -n $REPLY ]]; then OTHER_PIDS+=("$pid($REPLY)"); fi
+    done
     return 0
 }
 

@@ -19,27 +19,38 @@ shown() { printf "'%s'" "${1//[[:cntrl:]]/?}"; }
 
 usage() {
     cat <<EOF
-Usage: $PROG --target DIR [--scripts DIR] [--dry-run] [--force]
+Usage: $PROG --target DIR [--format tar|raw|squashfs] [--scripts DIR] [--dry-run] [--force]
 
 Install image $IMAGE_NAME from this bundle (run as root on the DPU):
   1. verify every file of the bundle against SHA256SUMS (and that every file
      is listed) before writing anything;
-  2. check the rootfs artifact: no absolute or '..' member names, no hard
-     link pointing outside the target;
-  3. extract it into DIR preserving owners (numeric), modes, xattrs, ACLs
-     and device nodes; it is extracted next to DIR first and moved into place;
+  2. check the rootfs artifact: for a tarball no absolute or '..' member
+     names and no hard link pointing outside the target; an image must be a
+     raw ext4 or squashfs filesystem;
+  3. a tarball is extracted into DIR preserving owners (numeric), modes,
+     xattrs, ACLs and device nodes (next to DIR first, then moved into place);
+     an image (rootfs.raw, rootfs.squashfs) is copied to DIR.raw or
+     DIR.squashfs (through a temporary file, checked again, then renamed) and
+     DIR is made an empty directory, its mount point;
   4. install the DPU scripts (dpu/) into DIR.deploy (or --scripts DIR), with
-     ROOTFS in offload.conf set to DIR.  An offload.conf already there that
-     differs is kept; the new one is written as offload.conf.new.
+     ROOTFS in offload.conf set to DIR and ROOTFS_IMAGE to the image (empty
+     for a tarball), so prepare.sh loop-mounts the image on DIR.  An
+     offload.conf already there that differs is kept, with those two settings
+     updated; the bundle's is written as offload.conf.new.
 Then: DIR.deploy/prepare.sh, DIR.deploy/start-libvirtd.sh; later
 DIR.deploy/teardown.sh.  The host side is in host/ of the bundle: copy it to
 the host and run its setup.sh.
 
   --target DIR    where the rootfs goes (e.g. /another_rootfs)
+  --format F      which artifact to install when the bundle has several:
+                  tar (rootfs.tar, .tar.zst or .tar.gz), raw or squashfs.
+                  Default: a tarball if there is one, else raw, else squashfs.
+                  A qcow2 image is not installed: it needs qemu-nbd to be
+                  mounted; convert it (qemu-img convert -O raw) instead.
   --scripts DIR   where the DPU scripts go (default: DIR.deploy)
   --dry-run       verify and check everything, print the plan, write nothing
-  --force         replace an existing non-empty DIR (never a mounted one:
-                  run teardown.sh first)
+  --force         replace an existing non-empty DIR or an existing image
+                  (never a mounted one: run teardown.sh first)
 EOF
 }
 
@@ -62,17 +73,21 @@ canonical() {
     REPLY=$p
 }
 
-TARGET="" SCRIPTS="" DRY_RUN=0 FORCE=0
+TARGET="" SCRIPTS="" DRY_RUN=0 FORCE=0 FORMAT=""
 parse_args() {
     while (($#)); do
         case $1 in
         -h | --help) usage; exit 0 ;;
-        --target | --scripts)
-            (($# >= 2)) || die "$1 needs a directory"
+        --target | --scripts | --format)
+            (($# >= 2)) || die "$1 needs a value"
             set -- "$1=$2" "${@:3}"
             continue ;;
         --target=*) TARGET=${1#*=} ;;
         --scripts=*) SCRIPTS=${1#*=} ;;
+        --format=*)
+            FORMAT=${1#*=}
+            [[ $FORMAT =~ ^(tar|raw|squashfs|qcow2)$ ]] ||
+                die "--format $(shown "$FORMAT") is not one of tar, raw, squashfs" ;;
         --dry-run) DRY_RUN=1 ;;
         --force) FORCE=1 ;;
         *) die "unknown argument $(shown "$1") (see --help)" ;;
@@ -85,6 +100,9 @@ parse_args() {
     canonical "${SCRIPTS:-$TARGET.deploy}"
     SCRIPTS=$REPLY
     [[ $SCRIPTS != "$TARGET" && $SCRIPTS != "$TARGET"/* ]] || die "--scripts must lie outside the target"
+    for d in "$TARGET.raw" "$TARGET.squashfs"; do
+        [[ $SCRIPTS != "$d" && $SCRIPTS != "$d"/* ]] || die "--scripts cannot be $d (where an image goes)"
+    done
     for d in "$TARGET" "$SCRIPTS"; do
         [[ $BUNDLE_DIR != "$d" && $BUNDLE_DIR != "$d"/* && $d != "$BUNDLE_DIR"/* ]] ||
             die "$d overlaps the bundle directory $BUNDLE_DIR"
@@ -110,7 +128,7 @@ verify_sums() {
         actual=$(sha256sum -- "$BUNDLE_DIR/$path") || refuse "cannot read $path"
         [[ ${actual%% *} == "$hash" ]] ||
             refuse "checksum mismatch for $path: the bundle is damaged or was modified"
-        LISTED[$path]=1
+        LISTED[$path]=$hash
     done <"$sums"
     while IFS= read -r -d '' path; do
         case $path in install.sh | SHA256SUMS) continue ;; esac
@@ -120,20 +138,36 @@ verify_sums() {
 }
 
 # --- 2. the rootfs artifact ----------------------------------------------------------
-# Artifacts in order of preference (the first one listed is installed) and
-# their kind.  An image kind (rootfs.raw, .qcow2, .squashfs) would add entries
-# here plus check_<kind> and install_<kind> functions and cases in main.
-ARTIFACTS=(rootfs.tar:tar rootfs.tar.zst:tar rootfs.tar.gz:tar)
-ARTIFACT="" KIND=""
+# Artifacts in order of preference (without --format the first one present is
+# installed) and their kind (builder/deploy/bundle.py ARTIFACT_KINDS).
+ARTIFACTS=(rootfs.tar:tar rootfs.tar.zst:tar rootfs.tar.gz:tar rootfs.raw:raw
+    rootfs.squashfs:squashfs rootfs.qcow2:qcow2)
+ARTIFACT="" KIND="" IMAGE=""
+refuse_qcow2() {
+    refuse "rootfs.qcow2 is not installed: a qcow2 image needs qemu-nbd to be mounted;" \
+        "convert it (qemu-img convert -O raw rootfs.qcow2 rootfs.raw) and loop-mount that" \
+        "(ROOTFS_IMAGE in offload.conf), or build the bundle with output.formats raw, squashfs or a tarball"
+}
 find_artifact() {
-    local a
+    local a name kind present=""
     for a in "${ARTIFACTS[@]}"; do
-        if [[ -n ${LISTED[${a%%:*}]:-} ]]; then
-            ARTIFACT=${a%%:*} KIND=${a#*:}
-            return 0
-        fi
+        name=${a%%:*} kind=${a#*:}
+        [[ -n ${LISTED[$name]:-} ]] || continue
+        present+=" $name"
+        [[ -z $KIND ]] || continue
+        if [[ -n $FORMAT && $kind != "$FORMAT" ]]; then continue; fi
+        [[ $kind != qcow2 ]] || continue
+        ARTIFACT=$name KIND=$kind
     done
-    refuse "no rootfs artifact (${ARTIFACTS[*]%%:*}) in the bundle"
+    [[ -n $present ]] || refuse "no rootfs artifact (${ARTIFACTS[*]%%:*}) in the bundle"
+    if [[ -z $KIND ]]; then
+        if [[ $FORMAT == qcow2 || -z $FORMAT ]]; then refuse_qcow2; fi
+        refuse "--format $FORMAT: the bundle has no $FORMAT artifact (it has:$present)"
+    fi
+    case $KIND in
+    raw) IMAGE=$TARGET.raw ;;
+    squashfs) IMAGE=$TARGET.squashfs ;;
+    esac
 }
 
 tar_stream() {
@@ -147,10 +181,11 @@ tar_stream() {
     esac
 }
 
-WORK=""
+WORK="" IMAGE_TMP=""
 cleanup() {
     if [[ -n $WORK ]]; then rm -rf --one-file-system -- "$WORK"; fi
     if [[ -n ${STAGE:-} && -d $STAGE ]]; then rm -rf --one-file-system -- "$STAGE"; fi
+    if [[ -n $IMAGE_TMP ]]; then rm -f -- "$IMAGE_TMP"; fi
 }
 
 check_tar() {
@@ -198,6 +233,32 @@ install_tar() {
     tar_stream | tar -x -f - -C "$STAGE" "${opts[@]}" || die "extracting $ARTIFACT failed"
 }
 
+# check_image: the image is the filesystem its name says (magic numbers)
+check_image() {
+    local f=$BUNDLE_DIR/$ARTIFACT m want
+    case $KIND in
+    raw) m=$(od -An -tx1 -j1080 -N2 -- "$f" | tr -d ' \n') want=53ef ;;
+    squashfs) m=$(od -An -tx1 -N4 -- "$f" | tr -d ' \n') want=68737173 ;;
+    esac
+    [[ $m == "$want" ]] || refuse "$ARTIFACT is not a $([[ $KIND == raw ]] && echo "raw ext4" || echo squashfs) image"
+    say "checked $ARTIFACT: a $([[ $KIND == raw ]] && echo "raw ext4" || echo squashfs) image"
+}
+
+# install_image: copy the image next to the target through a temporary file,
+# check the copy against SHA256SUMS, then rename it into place
+install_image() {
+    local tmp actual
+    tmp=$(mktemp -- "$IMAGE.installing.XXXXXX")
+    IMAGE_TMP=$tmp
+    cp --sparse=always -- "$BUNDLE_DIR/$ARTIFACT" "$tmp" || die "copying $ARTIFACT to $tmp failed"
+    actual=$(sha256sum -- "$tmp") || die "cannot read $tmp"
+    [[ ${actual%% *} == "${LISTED[$ARTIFACT]}" ]] || die "the copy of $ARTIFACT in $tmp is damaged"
+    chmod 0600 -- "$tmp"
+    sync -- "$tmp" 2>/dev/null || true
+    mv -f -- "$tmp" "$IMAGE"
+    IMAGE_TMP=""
+}
+
 # --- 3. the target ---------------------------------------------------------------------
 check_target() {
     local _id _parent _dev _root mp _rest
@@ -214,11 +275,40 @@ check_target() {
             REPLACE=1
         fi
     fi
+    local img f b
+    for img in "$TARGET.raw" "$TARGET.squashfs"; do
+        # attached to a loop device: mounted somewhere (prepared), maybe in
+        # another mount namespace
+        for f in /sys/block/loop*/loop/backing_file; do
+            [[ -r $f ]] || continue
+            read -r b <"$f" || continue
+            [[ $b != "$img" ]] || refuse "$img is in use by /dev/$(basename -- "$(dirname -- "$(dirname -- "$f")")") (a prepared rootfs?): run teardown.sh first"
+        done
+    done
+    [[ -n $IMAGE ]] || return 0
+    if [[ -e $IMAGE || -L $IMAGE ]]; then
+        [[ -f $IMAGE && ! -L $IMAGE ]] || refuse "$IMAGE exists and is not a regular file"
+        [[ $FORCE == 1 ]] || refuse "$IMAGE exists (--force replaces it)"
+        REPLACE_IMAGE=1
+    fi
 }
 
 # --- 4. the scripts ----------------------------------------------------------------------
+# set_locations FILE: FILE with ROOTFS= and ROOTFS_IMAGE= set to what was installed
+set_locations() {
+    local line image_set=0
+    while IFS= read -r line || [[ -n $line ]]; do
+        case $line in
+        ROOTFS=*) printf 'ROOTFS=%s\n' "$TARGET" ;;
+        ROOTFS_IMAGE=*) printf 'ROOTFS_IMAGE=%s\n' "$IMAGE"; image_set=1 ;;
+        *) printf '%s\n' "$line" ;;
+        esac
+    done <"$1"
+    if [[ $image_set == 0 && -n $IMAGE ]]; then printf 'ROOTFS_IMAGE=%s\n' "$IMAGE"; fi
+}
+
 install_scripts() {
-    local f name tmp line
+    local f name tmp
     [[ -d $BUNDLE_DIR/dpu ]] || { warn "no dpu/ in the bundle: no scripts installed"; return 0; }
     mkdir -p -- "$SCRIPTS"
     for f in "$BUNDLE_DIR"/dpu/*; do
@@ -226,11 +316,22 @@ install_scripts() {
         name=${f##*/}
         tmp=$SCRIPTS/.$name.tmp.$$
         if [[ $name == offload.conf ]]; then
-            while IFS= read -r line || [[ -n $line ]]; do
-                if [[ $line == ROOTFS=* ]]; then printf 'ROOTFS=%s\n' "$TARGET"; else printf '%s\n' "$line"; fi
-            done <"$f" >"$tmp"
+            set_locations "$f" >"$tmp"
             chmod 0644 -- "$tmp"
             if [[ -f $SCRIPTS/$name ]] && ! cmp -s -- "$tmp" "$SCRIPTS/$name"; then
+                # the operator's settings stay; where the rootfs is is ours to say
+                set_locations "$SCRIPTS/$name" >"$tmp.kept"
+                if ! cmp -s -- "$tmp.kept" "$SCRIPTS/$name"; then
+                    chmod "$(stat -c %a -- "$SCRIPTS/$name")" -- "$tmp.kept"
+                    mv -f -- "$tmp.kept" "$SCRIPTS/$name"
+                    warn "set ROOTFS and ROOTFS_IMAGE in your $SCRIPTS/$name to what was installed"
+                else
+                    rm -f -- "$tmp.kept"
+                fi
+                if cmp -s -- "$tmp" "$SCRIPTS/$name"; then
+                    rm -f -- "$tmp"
+                    continue
+                fi
                 mv -f -- "$tmp" "$SCRIPTS/$name.new"
                 warn "kept your $SCRIPTS/$name; the bundle's is $SCRIPTS/$name.new"
                 continue
@@ -244,7 +345,7 @@ install_scripts() {
 }
 
 main() {
-    REPLACE=0 STAGE=""
+    REPLACE=0 REPLACE_IMAGE=0 STAGE=""
     parse_args "$@"
     verify_sums
     find_artifact
@@ -253,12 +354,18 @@ main() {
     trap 'exit 130' INT TERM HUP
     case $KIND in
     tar) check_tar ;;
+    raw | squashfs) check_image ;;
     esac
     check_target
     if [[ $DRY_RUN == 1 ]]; then
         local how=""
         [[ $REPLACE == 0 ]] || how=" (replacing what is there)"
-        say "would install $ARTIFACT into $TARGET$how"
+        if [[ -n $IMAGE ]]; then
+            [[ $REPLACE_IMAGE == 0 ]] || how+=" (replacing $IMAGE)"
+            say "would install $ARTIFACT as $IMAGE, mounted on $TARGET by prepare.sh$how"
+        else
+            say "would install $ARTIFACT into $TARGET$how"
+        fi
         say "would install the DPU scripts into $SCRIPTS"
         say "dry run: nothing written"
         return 0
@@ -268,8 +375,13 @@ main() {
     chmod 0755 -- "$STAGE"
     case $KIND in
     tar) install_tar ;;
+    raw | squashfs) install_image ;;  # the stage stays empty: the mount point
     esac
-    if [[ -e $TARGET ]]; then
+    if [[ -n $IMAGE && -d $TARGET && $REPLACE == 0 ]]; then
+        # an empty directory already: it is the mount point
+        rm -rf --one-file-system -- "$STAGE"
+        STAGE=""
+    elif [[ -e $TARGET ]]; then
         local old=$TARGET.old.$$
         mv -- "$TARGET" "$old"
         mv -- "$STAGE" "$TARGET"
@@ -279,7 +391,15 @@ main() {
         mv -- "$STAGE" "$TARGET"
         STAGE=""
     fi
-    say "installed $ARTIFACT into $TARGET"
+    if [[ -n $IMAGE ]]; then
+        say "installed $ARTIFACT as $IMAGE (prepare.sh mounts it on $TARGET)"
+    else
+        say "installed $ARTIFACT into $TARGET"
+    fi
+    local f
+    for f in "$TARGET.raw" "$TARGET.squashfs"; do
+        [[ $f == "$IMAGE" || ! -f $f ]] || warn "$f (installed before) is no longer used: remove it"
+    done
     install_scripts
     say "DPU scripts in $SCRIPTS: run $SCRIPTS/prepare.sh, then $SCRIPTS/start-libvirtd.sh"
     say "host side: copy $BUNDLE_DIR/host to the host and run its setup.sh"

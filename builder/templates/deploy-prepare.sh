@@ -13,7 +13,9 @@ Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--rehearse HOSTDIR]
 
 Prepare the rootfs of image $IMAGE_NAME for libvirtd: load qtfs.ko, write the
 rexec address files (hostaddr, rexecport, qmpport in /var/run/rexec and
-/etc/rexec) and mount everything libvirtd needs into the rootfs, in order.
+/etc/rexec), loop-mount ROOTFS_IMAGE on the rootfs if the config names one (a
+raw ext4 image read-write unless ROOTFS_IMAGE_RO=1, a squashfs read-only) and
+mount everything libvirtd needs into the rootfs, in order.
 Running it again changes nothing; if a step fails, the mounts this run made
 are undone in reverse and the step is named.  What was mounted is recorded in
 /run/rootfs-build/$IMAGE_NAME/ (ROOTFS_BUILD_STATE_DIR overrides the base) for
@@ -34,6 +36,58 @@ MOUNTED_NOW_IDX=() MOUNTED_NOW_PATH=() INSMOD_NOW=0
 FINISHED=0 ROLLED_BACK=0 STEP="start"
 N_NEW=0 N_OLD=0 N_SKIP=0
 declare -A CG_MODE=() CG_OK=() SKIP_NOW=()
+
+IMAGE_KIND="" IMAGE_OPTS=""
+# check_image: ROOTFS_IMAGE is a file prepare can mount (before anything changes)
+check_image() {
+    [[ -n $IMAGE ]] || return 0
+    STEP="checking the rootfs image $IMAGE"
+    [[ -f $IMAGE ]] || fail "ROOTFS_IMAGE $IMAGE is not a file (see $CONFIG)"
+    image_kind "$IMAGE"
+    IMAGE_KIND=$REPLY IMAGE_OPTS=loop
+    case $IMAGE_KIND in
+    ext4) [[ $CFG_ROOTFS_IMAGE_RO != 1 ]] || IMAGE_OPTS=loop,ro ;;
+    squashfs) IMAGE_OPTS=loop,ro ;;
+    qcow2)
+        fail "$IMAGE is a qcow2 image, which needs qemu-nbd to be mounted: convert it" \
+            "(qemu-img convert -O raw $IMAGE ${IMAGE%.*}.raw) and set ROOTFS_IMAGE to the raw file" ;;
+    *) fail "$IMAGE is neither a raw ext4 nor a squashfs image" ;;
+    esac
+}
+
+# mount_image: loop-mount ROOTFS_IMAGE on ROOT (recorded like the table's mounts)
+mount_image() {
+    local out
+    [[ -n $IMAGE ]] || return 0
+    STEP="mounting the rootfs image ($IMAGE_KIND -o $IMAGE_OPTS $IMAGE on $ROOT)"
+    read_mountinfo
+    if image_at_root "$IMAGE"; then
+        N_OLD=$((N_OLD + 1))
+        # mounted by a run that was killed before it could record it
+        [[ -n $REC_IMAGE ]] || record_add image "$ROOT"
+        [[ $DRY_RUN == 0 ]] || say "$STEP: already mounted"
+        return 0
+    fi
+    [[ -z $ROOT_TOP_SRC ]] ||
+        fail "$ROOT is already a mount point ($ROOT_TOP_FSTYPE from $ROOT_TOP_SRC), not of $IMAGE: run teardown.sh first"
+    image_loops "$IMAGE"
+    if ((${#IMAGE_LOOPS[@]} > 0)) && [[ $IMAGE_OPTS != *,ro ]]; then
+        fail "$IMAGE is in use already (${IMAGE_LOOPS[*]}); mounting it read-write twice would corrupt it"
+    fi
+    ensure_dir "$ROOT"
+    if [[ -d $ROOT && -n $(find "$ROOT" -mindepth 1 -maxdepth 1 -print -quit) ]]; then
+        warn "$ROOT is not empty: what it holds is hidden while the image is mounted on it"
+    fi
+    if [[ $DRY_RUN == 1 ]]; then
+        run mount -t "$IMAGE_KIND" -o "$IMAGE_OPTS" -- "$IMAGE" "$ROOT"
+        return 0
+    fi
+    out=$(mount -t "$IMAGE_KIND" -o "$IMAGE_OPTS" -- "$IMAGE" "$ROOT" 2>&1) || fail "$out"
+    MOUNTED_NOW_IDX+=(image) MOUNTED_NOW_PATH+=("$ROOT")
+    record_add image "$ROOT"
+    N_NEW=$((N_NEW + 1))
+    test_hold
+}
 
 record_add() {
     [[ $DRY_RUN == 0 ]] || return 0
@@ -85,9 +139,13 @@ on_exit() {
 }
 
 ensure_dir() {
+    local hint=""
     [[ -d $1 ]] && return 0
     [[ ! -e $1 && ! -L $1 ]] || fail "$1 exists and is not a directory"
-    run mkdir -p -- "$1" || fail "cannot create $1"
+    if [[ -n $IMAGE && $IMAGE_OPTS == *,ro && $1 == "$ROOT"/* ]]; then
+        hint=" (the rootfs image is read-only: the directory must exist in it)"
+    fi
+    run mkdir -p -- "$1" || fail "cannot create $1$hint"
 }
 
 # write_file FILE VALUE: FILE holds VALUE and a newline (rewritten only if different).
@@ -325,9 +383,16 @@ main() {
     local i n mode
     parse_args "dry-run rehearse" "$@"
     load_config "$CONFIG"
+    # with an image, the rootfs directory is only its mount point: made if missing
+    [[ -z $CFG_ROOTFS_IMAGE ]] || ROOT_MISSING_OK=1
     setup_root
-    setup_rehearse
     need_root
+    if [[ ! -d $ROOT && $DRY_RUN == 0 ]]; then
+        mkdir -p -- "$ROOT" || die "cannot create the rootfs mount point $ROOT"
+        setup_root
+    fi
+    setup_image
+    setup_rehearse
     state_init
     trap on_exit EXIT
     trap 'STEP="$STEP (interrupted)"; exit 130' INT TERM HUP
@@ -343,11 +408,14 @@ main() {
         mode=real
         [[ -z $REHEARSE ]] || mode=rehearse
         printf 'table=%s\nmode=%s\nroot=%s\n' "$TABLE_ID" "$mode" "$ROOT" >"$STATE_INFO"
+        [[ -z $IMAGE ]] || printf 'image=%s\n' "$IMAGE" >>"$STATE_INFO"
         touch -- "$STATE_MOUNTS"
     fi
+    check_image
     load_qtfs
     stop_dpu_libvirtd
     write_rexec_files
+    mount_image
     n=${#MT_TYPE[@]}
     for ((i = 0; i < n; i++)); do
         mount_entry "$i"

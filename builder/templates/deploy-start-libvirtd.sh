@@ -15,8 +15,10 @@ Start virtlogd and libvirtd chrooted into the rootfs of image $IMAGE_NAME,
 once prepare.sh has mounted everything (checked first).  Daemons already
 running from the rootfs are left alone.  They get CMD_NET_ADDR pointing at the
 host's rexec_server (HOST_IP, REXEC_PORT), which rexec needs when libvirt runs
-kill/taskset through it.  Stale daemon pid files are removed; the per-domain
-pid files are kept (libvirtd uses them to find running VMs again).
+kill/taskset through it.  A daemon counts as running when a process of its
+name, or the one its pid file (/var/run/NAME.pid in the rootfs) names, runs
+from the rootfs.  Stale daemon pid files are removed; the per-domain pid files
+are kept (libvirtd uses them to find running VMs again).
 EOF
 }
 
@@ -33,33 +35,49 @@ find_daemon() {
     return 1
 }
 
-# clear_stale_pidfile NAME: remove <rootfs>/var/run/NAME.pid unless its pid is
-# NAME running from the rootfs
+# clear_stale_pidfile NAME: remove <rootfs>/var/run/NAME.pid (NAME does not
+# run from the rootfs: checked before) unless it names a live process outside
+# the rootfs, such as the DPU's own daemon during a rehearsal
 clear_stale_pidfile() {
-    local f pid r
+    local f pid
     resolve_in_root "$ROOT" "/var/run/$1.pid" || return 0
     f=$REPLY
     [[ -f $f ]] || return 0
     pid=$(head -c 32 -- "$f" 2>/dev/null | tr -dc '0-9') || pid=""
-    if [[ -n $pid ]] && r=$(readlink -- "/proc/$pid/root" 2>/dev/null) && [[ $r == "$ROOT" ]]; then
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
         pid_comm "$pid"
-        [[ $REPLY != "$1" ]] || return 0
+        warn "$f names $pid (${REPLY:-?}), which runs outside $ROOT: left alone"
+        return 0
     fi
     run rm -f -- "$f"
 }
 
+# daemon_pid NAME: REPLY = the pid of NAME running from the rootfs, or fail
+daemon_pid() {
+    local k
+    rootfs_daemons
+    for k in "${!DAEMON_NAMES[@]}"; do
+        if [[ ${DAEMON_NAMES[k]} == "$1" ]]; then
+            REPLY=${DAEMON_PIDS[k]}
+            return 0
+        fi
+    done
+    return 1
+}
+
 main() {
-    local d path pid addr t
-    local -A running=()
+    local d path addr t
     parse_args "dry-run" "$@"
     load_config "$CONFIG"
     setup_root
+    setup_image
     need_root
     state_init
     read_state
     local i rc down=""
     DONE_PATHS=()
     read_mountinfo
+    if [[ -n $IMAGE ]] && ! image_at_root "$IMAGE"; then down+=" $ROOT (the rootfs image)"; fi
     for i in "${!MT_TYPE[@]}"; do
         rc=0
         entry_mounted "$i" || rc=$?
@@ -69,14 +87,9 @@ main() {
     [[ -z $down ]] || die "the rootfs is not prepared (not mounted:$down): run prepare.sh first"
     addr=$CFG_HOST_IP
     [[ $addr != *:* ]] || addr="[$addr]"
-    rootfs_pids
-    for pid in "${ROOT_PIDS[@]}"; do
-        pid_comm "$pid"
-        if [[ -n $REPLY ]]; then running[$REPLY]=$pid; fi
-    done
     for d in virtlogd libvirtd; do
-        if [[ -n ${running[$d]:-} ]]; then
-            say "$d already runs from $ROOT (pid ${running[$d]})"
+        if daemon_pid "$d"; then
+            say "$d already runs from $ROOT (pid $REPLY)"
             continue
         fi
         find_daemon "$d" || die "no $d in $ROOT (looked in /usr/sbin /usr/bin /sbin /bin)"
@@ -87,11 +100,10 @@ main() {
             die "$d -d failed in $ROOT"
         [[ $DRY_RUN == 0 ]] || continue
         for ((t = 0; t < 50; t++)); do
-            rootfs_pids
-            for pid in "${ROOT_PIDS[@]}"; do
-                pid_comm "$pid"
-                [[ $REPLY != "$d" ]] || { say "$d started (pid $pid)"; continue 3; }
-            done
+            if daemon_pid "$d"; then
+                say "$d started (pid $REPLY)"
+                continue 2
+            fi
             sleep 0.2
         done
         die "$d did not stay up: see its log in $ROOT/var/log/libvirt"

@@ -10,9 +10,10 @@ usage() {
     cat <<EOF
 Usage: $PROG [--root DIR] [--config FILE] [--quiet]
 
-Show, for image $IMAGE_NAME, which entries of the mount table are mounted
-below the rootfs, mounts below it that are not in the table, whether qtfs is
-loaded and which libvirt daemons run from the rootfs.
+Show, for image $IMAGE_NAME, whether the rootfs image (ROOTFS_IMAGE) is
+mounted on the rootfs, which entries of the mount table are mounted below the
+rootfs, mounts below it that are not in the table, whether qtfs is loaded and
+which libvirt daemons run from the rootfs.
 Exit status: 0 all mounted, 1 partly mounted, 3 nothing mounted (clean).
 EOF
 }
@@ -24,6 +25,14 @@ table_state() {
     N_UP=0 N_DOWN=0 N_SKIPPED=0
     DONE_PATHS=()
     read_mountinfo
+    IMAGE_STATE=""
+    if [[ -n $IMAGE ]]; then
+        if image_at_root "$IMAGE"; then
+            IMAGE_STATE=up N_UP=$((N_UP + 1))
+        else
+            IMAGE_STATE=down N_DOWN=$((N_DOWN + 1))
+        fi
+    fi
     for ((i = 0; i < n; i++)); do
         rc=0
         entry_mounted "$i" || rc=$?
@@ -40,7 +49,7 @@ table_state() {
 }
 
 main() {
-    local i quiet=0 pid
+    local i quiet=0 kind
     local -a args=() daemons=()
     local -A known=()
     for i in "$@"; do
@@ -48,12 +57,21 @@ main() {
     done
     parse_args "" "${args[@]}"
     load_config "$CONFIG"
+    [[ -z $CFG_ROOTFS_IMAGE ]] || ROOT_MISSING_OK=1
     setup_root
+    setup_image
     state_init
     read_state
     table_state
     if ((quiet == 0)); then
         printf 'rootfs %s (image %s)\n' "$ROOT" "$IMAGE_NAME"
+        if [[ -n $IMAGE ]]; then
+            image_kind "$IMAGE"
+            kind=${REPLY:-not a raw ext4 or squashfs image}
+            [[ $REPLY != squashfs && $CFG_ROOTFS_IMAGE_RO != 1 ]] || kind+=", read-only"
+            [[ $IMAGE_STATE != up ]] || kind+=", $ROOT_TOP_SRC"
+            printf '  %-7s rootfs image %s (%s) on %s\n' "$IMAGE_STATE" "$IMAGE" "$kind" "$ROOT"
+        fi
         for i in "${!MT_TYPE[@]}"; do
             known[${ENTRY_PATH[i]}]=1
             printf '  %-7s %s -> %s%s\n' "${ENTRY_STATE[i]}" "$(describe "$i")" "${ENTRY_PATH[i]}" \
@@ -65,11 +83,8 @@ main() {
             fi
         done
         if [[ -d /sys/module/qtfs ]]; then echo "qtfs: loaded"; else echo "qtfs: not loaded"; fi
-        rootfs_pids
-        for pid in "${ROOT_PIDS[@]}"; do
-            pid_comm "$pid"
-            case $REPLY in libvirtd | virtlogd | virtlockd) daemons+=("${REPLY}[$pid]") ;; esac
-        done
+        rootfs_daemons
+        for i in "${!DAEMON_PIDS[@]}"; do daemons+=("${DAEMON_NAMES[i]}[${DAEMON_PIDS[i]}]"); done
         printf 'daemons: %s\n' "${daemons[*]:-none}"
         printf 'mounts: %s up, %s down, %s skipped\n' "$N_UP" "$N_DOWN" "$N_SKIPPED"
     fi

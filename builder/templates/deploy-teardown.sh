@@ -13,8 +13,9 @@ Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--rehearse HOSTDIR]
 Return this DPU to a clean state after prepare.sh for image $IMAGE_NAME:
 stop virtlogd/libvirtd running from the rootfs, unmount what prepare.sh
 recorded in exact reverse order, then anything still mounted below the
-rootfs (deepest first), and only then unload qtfs.  Mounts outside the rootfs
-are never touched.  Succeeds on an already clean system.
+rootfs (deepest first), then the rootfs image (ROOTFS_IMAGE) mounted on the
+rootfs itself, and only then unload qtfs.  Mounts outside the rootfs are never
+touched.  Succeeds on an already clean system.
 
   --root DIR          the rootfs (default: ROOTFS in the config)
   --config FILE       settings (default: offload.conf next to this script)
@@ -26,28 +27,26 @@ EOF
 STOP_WAIT=${ROOTFS_BUILD_STOP_WAIT:-15}
 [[ $STOP_WAIT =~ ^[0-9]+$ ]] || STOP_WAIT=15
 
+# alive PID...: ALIVE = those still running (zombies count as gone)
 alive() {
-    local p
+    local p st
     ALIVE=()
     for p in "$@"; do
-        if kill -0 "$p" 2>/dev/null; then ALIVE+=("$p"); fi
+        kill -0 "$p" 2>/dev/null || continue
+        st=""
+        { read -r st <"/proc/$p/stat"; } 2>/dev/null || st=""
+        st=${st##*) }
+        [[ ${st%% *} == Z ]] || ALIVE+=("$p")
     done
     ((${#ALIVE[@]} > 0))
 }
 
 stop_daemons() {
-    local pid t
-    local -a daemons=() others=()
-    rootfs_pids
-    for pid in "${ROOT_PIDS[@]}"; do
-        pid_comm "$pid"
-        case $REPLY in
-        libvirtd | virtlogd | virtlockd) daemons+=("$pid") ;;
-        "") ;;
-        *) others+=("$pid($REPLY)") ;;
-        esac
-    done
-    ((${#others[@]} == 0)) || warn "other processes run inside $ROOT (left alone): ${others[*]}"
+    local t
+    local -a daemons=()
+    rootfs_daemons
+    daemons=("${DAEMON_PIDS[@]}")
+    ((${#OTHER_PIDS[@]} == 0)) || warn "other processes run inside $ROOT (left alone): ${OTHER_PIDS[*]}"
     ((${#daemons[@]} > 0)) || return 0
     if [[ $DRY_RUN == 1 ]]; then
         say "would stop libvirt daemons running from $ROOT: ${daemons[*]}"
@@ -165,6 +164,43 @@ unmount_remaining() {
     exit 1
 }
 
+# unmount_image: ROOTFS_IMAGE (as prepare recorded it, else as configured)
+# mounted on ROOT itself, after everything below ROOT is gone.
+unmount_image() {
+    local img=${STATE_IMAGE:-$IMAGE} n loop out
+    local -a loops=()
+    [[ -n $img ]] || return 0
+    for ((n = 0; n < 8; n++)); do
+        read_mountinfo
+        if ! image_at_root "$img"; then
+            if [[ -n $REC_IMAGE && -n $ROOT_TOP_SRC ]]; then
+                warn "$ROOT: the mount on it is $ROOT_TOP_FSTYPE from $ROOT_TOP_SRC, not the image $img: left alone"
+            fi
+            break
+        fi
+        if [[ $DRY_RUN == 1 ]]; then
+            say "would unmount $ROOT (the rootfs image $img on $ROOT_TOP_SRC)"
+            return 0
+        fi
+        loops+=("$ROOT_TOP_SRC")
+        if ! out=$(umount -- "$ROOT" 2>&1); then
+            rootfs_pids
+            printf '%s: error: cannot unmount the rootfs image from %s: %s%s\n' "$PROG" "$ROOT" \
+                "$(one_line "$out")" "${ROOT_PIDS[*]:+; processes inside the rootfs: ${ROOT_PIDS[*]}}" >&2
+            exit 1
+        fi
+        N_UMOUNT=$((N_UMOUNT + 1))
+    done
+    # mount -o loop detaches its device on unmount (autoclear); make sure
+    for loop in "${loops[@]}"; do
+        loop_backing "$loop"
+        [[ $REPLY == "$img" ]] || continue
+        read_mountinfo
+        [[ " ${MI_SOURCE[*]} " != *" $loop "* ]] || continue
+        losetup -d "$loop" 2>/dev/null || warn "could not detach $loop from $img"
+    done
+}
+
 unload_qtfs() {
     local i
     if [[ -n $REHEARSE || $STATE_MODE == rehearse ]]; then return 0; fi
@@ -185,6 +221,7 @@ main() {
     load_config "$CONFIG"
     ROOT_MISSING_OK=1
     setup_root
+    setup_image
     setup_rehearse
     need_root
     state_init
@@ -194,6 +231,7 @@ main() {
         stop_daemons
         unmount_recorded
         unmount_remaining
+        unmount_image
     fi
     unload_qtfs
     if [[ $DRY_RUN == 0 ]]; then rm -f -- "$STATE_MOUNTS" "$STATE_SKIPPED" "$STATE_INFO"; fi
