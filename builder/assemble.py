@@ -80,7 +80,8 @@ class Tree:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise UserError(f"{_show(name)}: too many levels of symbolic links "
-                                    "in the rootfs")
+                                    "in the rootfs", hint="a symlink on that path loops; "
+                                    "change the destination or fix the link")
                 if node.linkname.startswith(b"/"):
                     done = []
                 todo.extend(p for p in reversed(node.linkname.split(b"/")) if p)

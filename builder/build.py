@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -122,8 +123,11 @@ class Builder:
         self.deploy: Any = None          # deploy.DeployConfig when the recipe deploys
         self.mount_table: list[Any] = []
         self.source_plans: dict[str, filelayers.FilePlan] = {}
+        self.element_plans: dict[str, filelayers.FilePlan] = {}
+        self.overlay_plans: list[filelayers.FilePlan] = []
         self.notes: list[str] = []       # manifest notes (skipped scriptlets...)
         self._workdir: Path | None = None
+        self._scratch = contextlib.ExitStack()   # the locked work dir, removed at the end
 
     # -- checks before any work ------------------------------------------
     def prepare(self) -> elements.ElementSet:
@@ -142,6 +146,13 @@ class Builder:
                                 hint="fix the path, or pass --set params.NAME=PATH")
             self.es = es
             self._prepare_deploy(es)
+            # Element files and overlays are planned (found, hashed, their
+            # destinations checked) before any appliance starts.
+            for el in es.elements:
+                self.element_plans[el.name] = filelayers.plan_element(el, es)
+            self.overlay_plans = [
+                filelayers.plan_overlay(ov, i, self.recipe.where("overlays", i))
+                for i, ov in enumerate(self.recipe.overlays)]
         with Phase.enter("checking sources and patches"):
             self._prepare_sources(es)
         return es
@@ -156,7 +167,17 @@ class Builder:
             field = DEPLOY_PARAM_FIELDS.get(param, param)
             if field in fields and field != "name" and value is not None:
                 given[field] = tuple(value) if isinstance(value, list) else value
-        self.deploy = DeployConfig.from_params(given, where="params")
+        try:
+            self.deploy = DeployConfig.from_params(given, where="params")
+        except UserError as e:
+            # name the recipe's param and line, not DeployConfig's field
+            field = (e.where or "").removeprefix("params.")
+            param = {f: p for p, f in DEPLOY_PARAM_FIELDS.items()}.get(field, field)
+            raise UserError(f"params.{param}: {e.message}",
+                            where=(self.recipe.where("params", param)
+                                   if param in self.recipe.params else str(self.recipe.path)),
+                            hint=e.hint or (None if e.message.endswith(")") else
+                                            f"fix params.{param} in the recipe")) from None
         contributions = []
         for el in es.elements:
             for i, entry in enumerate(el.spec.get("mounts", [])):
@@ -166,7 +187,14 @@ class Builder:
         self.mount_table = mount_table(contributions, where="element mounts")
         host_ko, host_kernel = es.params.get("qtfs_server_ko"), es.params.get("host_kernel")
         if host_ko is not None and host_kernel is not None:
-            magic = elfinfo.vermagic_release(elfinfo.modinfo(host_ko).get("vermagic", ""))
+            try:
+                info = elfinfo.modinfo(host_ko)
+            except ValueError as e:
+                raise UserError(f"params.qtfs_server_ko: {host_ko}: {e}",
+                                where=self.recipe.where("params", "qtfs_server_ko"),
+                                hint="give the qtfs_server.ko built for the host's kernel"
+                                ) from None
+            magic = elfinfo.vermagic_release(info.get("vermagic", ""))
             if magic != host_kernel:
                 raise UserError(f"{host_ko} was built for kernel {magic or '(no vermagic)'}, "
                                 f"but host_kernel is {host_kernel}",
@@ -191,8 +219,10 @@ class Builder:
                     where=where)
 
     def _work(self) -> Path:
+        # Locked like a cache staging dir, so that `cache prune` or another
+        # build's orphan sweep leaves it alone while this build runs.
         if self._workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="work-", dir=self.cache.root / "tmp"))
+            self._workdir = self._scratch.enter_context(self.cache.staging("work-"))
         return self._workdir
 
     def _record_input(self, role: str, shown: str, path: Path) -> str:
@@ -215,9 +245,12 @@ class Builder:
         image = r.base_image
         shown = r.data["base"]["image"]
         if not image.exists():
-            raise UserError(f"base image {image} not found", where=r.where("base", "image"))
+            raise UserError(f"base image {image} not found", where=r.where("base", "image"),
+                            hint="fix base.image (relative to the recipe) or pass "
+                                 "--set base.image=PATH")
         if not image.is_file():
-            raise UserError(f"base image {image} is not a file", where=r.where("base", "image"))
+            raise UserError(f"base image {image} is not a file", where=r.where("base", "image"),
+                            hint="base.image must name a qcow2 or raw disk image file")
         fmt = guestfs_io.image_format(image)
         with Phase.enter("hashing the base image"):
             sha = self._record_input("base.image", shown, image)
@@ -238,6 +271,7 @@ class Builder:
         return rec
 
     def _extract_base(self, image: Path, fmt: str, tmp: Path) -> dict[str, Any]:
+        guestfs_io.check_image(image, fmt)
         app = guestfs_io.Appliance(f"base image {image.name}", smp=self.opts.smp,
                                    timeout=self.opts.timeout)
         app.add_drive(image, fmt=fmt, readonly=True)
@@ -285,7 +319,8 @@ class Builder:
             machine = elfinfo.machine_of(ko)
             if machine != arch:
                 raise UserError(f"{ko} is built for {machine or 'no ELF machine'}, but the DPU "
-                                f"rootfs is {arch}", where=self.recipe.where("params", "qtfs_ko"))
+                                f"rootfs is {arch}", where=self.recipe.where("params", "qtfs_ko"),
+                                hint=f"give params.qtfs_ko the qtfs.ko built for {arch}")
 
     def _where_param(self, src: str, el: elements.Element, i: int) -> str:
         if src.startswith("@") and src[1:] in self.recipe.params:
@@ -382,7 +417,7 @@ class Builder:
         epoch, _ = self.epoch()
         for el in es.elements:
             with Phase.enter(f"element {el.name}"):
-                plan = filelayers.plan_element(el, es)
+                plan = self.element_plans.get(el.name) or filelayers.plan_element(el, es)
                 for i, _item in enumerate(el.spec.get("sources", [])):
                     source_plan = self.source_plans.get(f"{el.name}:{i}")
                     if source_plan is not None:
@@ -392,8 +427,8 @@ class Builder:
                 self.rpm_layer(el, es)
             self.run_layer(el, es, epoch)
         with Phase.enter("overlays"):
-            for i, ov in enumerate(self.recipe.overlays):
-                self.file_layer(filelayers.plan_overlay(ov, i, self.recipe.where("overlays", i)))
+            for plan in self.overlay_plans:
+                self.file_layer(plan)
         return self.records
 
     def epoch(self) -> tuple[int, str]:
@@ -437,10 +472,16 @@ class Builder:
         start = time.monotonic()
         launches_before = guestfs_io.launches
         self.cache.clean_orphans()  # leftovers of killed builds
-        es = self.prepare()
-        out = outputs.OutputDir(self.opts.output_root, self.recipe.name)
+        try:
+            es = self.prepare()
+            out = outputs.OutputDir(self.opts.output_root, self.recipe.name)
+        except BaseException:
+            self._scratch.close()
+            raise
+        writing_outputs = False
         try:
             self.layers()
+            writing_outputs = True
             epoch, epoch_source = self.epoch()
             with Phase.enter("assembly"):
                 tree = self.tree()
@@ -462,13 +503,21 @@ class Builder:
                                 dest=out.sibling(f"{self.recipe.name}.bundle.tar"))
             with Phase.enter("publishing outputs"):
                 final = out.publish()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if writing_outputs:
+                raise UserError(f"{self.opts.output_root}: no space left on device for the "
+                                "outputs", hint="free some space there, or choose another "
+                                "-o DIR") from None
+            raise UserError(f"{self.cache.root}: no space left on device for the layer cache",
+                            hint="free some space, run 'rootfs-build cache prune', or pass "
+                                 "--cache-dir DIR") from None
         finally:
             out.close()
             for rec in self.records:
                 rec.layer.close()
-            if self._workdir is not None:
-                import shutil
-                shutil.rmtree(self._workdir, ignore_errors=True)
+            self._scratch.close()
         result_artifacts = [{"path": str(final / str(a["path"])), "sha256": a["sha256"],
                              "size": a["size"], "format": a["format"]} for a in artifacts]
         if self.recipe.bundle and self.deploy is not None:

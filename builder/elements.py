@@ -22,7 +22,7 @@ import jsonschema
 
 from . import values
 from .errors import UserError
-from .recipe import Recipe, dotted, load_yaml, locate
+from .recipe import Recipe, dotted, load_yaml, locate, schema_hint
 
 PROJECT_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
 IMPLICIT_ELEMENT = "rootfs-base"  # provides diskimage-builder's "operating-system"
@@ -230,7 +230,8 @@ def _topo_order(requested: list[str], by_name: dict[str, Path], deps: dict[str, 
         if state.get(name) == "active":
             cycle = chain[chain.index(name):] + [name]
             raise UserError("element dependency cycle: " + " -> ".join(cycle),
-                            hint="remove one of these element-deps entries")
+                            where=str(by_name[name] / "element-deps") if name in by_name
+                            else None, hint="remove one of these element-deps entries")
         state[name] = "active"
         for dep in sorted(deps.get(name, ())):
             visit(dep, [*chain, name])
@@ -269,7 +270,8 @@ def load_element(name: str, path: Path) -> Element:
             raise UserError(f"unknown key {dotted(unknown)}",
                             where=locate(marks, unknown, yaml_path),
                             hint="see 'element.yaml' in README.md")
-        raise UserError(f"{dotted(key)}: {err.message[:200]}", where=where)
+        raise UserError(f"{dotted(key)}: {err.message[:200]}", where=where,
+                        hint=schema_hint(err))
     return Element(name, path, spec, marks)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def modinfo(path: Path) -> dict[str, str]:
             section = elf.get_section_by_name(".modinfo")
             if section is None:
                 return {}
+            if section["sh_offset"] + section["sh_size"] > os.fstat(f.fileno()).st_size:
+                raise ValueError("its .modinfo section lies beyond the end of the file")
             data = section.data()
-    except ELFError as e:
+    except (ELFError, ValueError, OverflowError, OSError, struct.error) as e:
+        # a damaged or non-ELF file: pyelftools fails in many ways
         raise ValueError(f"not an ELF kernel module: {e}") from None
     info: dict[str, str] = {}
     for item in data.split(b"\0"):

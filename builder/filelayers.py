@@ -123,9 +123,11 @@ def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
     src = overlay.source
     label = f"overlays[{index}] ({src})"
     if not src.exists():
-        raise UserError(f"{src}: overlay directory not found", where=where)
+        raise UserError(f"{src}: overlay directory not found", where=where,
+                        hint="overlay paths are relative to the recipe's directory")
     if not src.is_dir() or src.is_symlink():
-        raise UserError(f"{src}: an overlay must be a directory", where=where)
+        raise UserError(f"{src}: an overlay must be a directory", where=where,
+                        hint="name a directory, not a file or a symlink")
     plan = FilePlan("overlay", label)
     dest = dest_name(overlay.dest, where=where)
     seen_inodes: dict[tuple[int, int], bytes] = {}
@@ -227,7 +229,8 @@ def element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
     path = (el.path / src).resolve()
     if not path.is_relative_to(el.path.resolve()):
         raise UserError(f"{src}: element sources must stay inside the element directory",
-                        where=where)
+                        where=where, hint="copy the file into the element, or pass it as a "
+                                          "file param with '@name'")
     return path
 
 
@@ -265,7 +268,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         src = element_source(el, item["src"], es, where)
         if not src.is_file():
             raise UserError(f"{src}: file not found (files[{i}] of element {el.name})",
-                            where=where)
+                            where=where, hint="add the file to the element or fix src")
         digest = _sha256_path(src)
         plan.inputs[str(src)] = digest
         plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
@@ -279,7 +282,8 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         try:
             text = src.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{src}: cannot read template: {e}", where=where) from None
+            raise UserError(f"{src}: cannot read template: {e}", where=where,
+                            hint="add the template to the element or fix src") from None
         try:
             data = _Template(text).substitute(template_values(params)).encode()
         except KeyError as e:

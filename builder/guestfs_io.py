@@ -12,11 +12,15 @@ SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import glob
+import json
 import os
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +35,9 @@ from .errors import UserError
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
+# A launch boots a VM (tens of seconds under TCG on a loaded host) and reports
+# no progress meanwhile, so it gets at least this long whatever the call limit.
+LAUNCH_TIMEOUT = 600.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
 # Appliances started in this process (the build summary and the tests read it);
@@ -43,11 +50,14 @@ QCOW2_MAGIC = b"QFI\xfb"
 RUN_DIR = "/.rootfs-build-run"
 # The tree (sda) becomes the lower layer of an overlay on /sysroot; changes go
 # to sda's twin (sdb); scripts and their log live in a tmpfs, /tmp in another,
-# so neither ends up in the step's layer.
+# so neither ends up in the step's layer.  The shell finds the two by label:
+# the kernel may name the disks in another order than the API's /dev/sdX,
+# which guestfsd translates but a shell does not.
+_LOWER_LABEL, _UPPER_LABEL = "rb-lower", "rb-upper"
 _OVERLAY_UP = f"""set -e
 mkdir -p /run/rb/lower /run/rb/upperfs
-mount /dev/sda /run/rb/lower
-mount /dev/sdb /run/rb/upperfs
+mount LABEL={_LOWER_LABEL} /run/rb/lower
+mount LABEL={_UPPER_LABEL} /run/rb/upperfs
 mkdir -p /run/rb/upperfs/upper /run/rb/upperfs/work
 mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir=/run/rb/upperfs/upper,\
 workdir=/run/rb/upperfs/work,index=off,metacopy=off,redirect_dir=off /sysroot
@@ -90,14 +100,61 @@ def _guestfs_module() -> Any:
     return guestfs
 
 
+_set_error_handler: Any = None
+
+
+def _quiet_thread(g: Any) -> None:
+    """Silence libguestfs' own error printing on this thread.
+
+    libguestfs keeps its error handler per thread and gives each new thread
+    the default one, which prints every failed call to stderr; the Python
+    binding silences only the thread that created the handle.  Our calls run
+    on worker threads, so without this a killed appliance (interrupt,
+    timeout) or a probe for a missing file would add "libguestfs: error:"
+    paragraphs to the one line the user gets.  Errors still arrive as
+    exceptions."""
+    global _set_error_handler
+    try:
+        if _set_error_handler is None:
+            lib = ctypes.CDLL("libguestfs.so.0")
+            lib.guestfs_set_error_handler.argtypes = [ctypes.c_void_p] * 3
+            lib.guestfs_set_error_handler.restype = None
+            get = ctypes.pythonapi.PyCapsule_GetPointer
+            get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            get.restype = ctypes.c_void_p
+            _set_error_handler = lambda h: lib.guestfs_set_error_handler(  # noqa: E731
+                get(h._o, b"guestfs_h"), None, None)
+        _set_error_handler(g)
+    except (OSError, AttributeError, ValueError, TypeError):
+        pass  # a noisier stderr, nothing worse
+
+
 def _tcg_forced_by_env() -> bool:
     return "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":")
 
 
 def _launch_hint() -> str:
-    if not glob.glob("/boot/vmlinuz-*"):
+    """The likely fix for a launch that failed with KVM and TCG."""
+    hv = os.environ.get("LIBGUESTFS_HV")
+    if hv:
+        return (f"LIBGUESTFS_HV={hv} did not start the appliance: unset LIBGUESTFS_HV "
+                "or point it at a working qemu-system binary")
+    kernel = os.environ.get("SUPERMIN_KERNEL")
+    if kernel and not os.path.isfile(kernel):
+        return (f"SUPERMIN_KERNEL={kernel} is not a kernel file: unset SUPERMIN_KERNEL "
+                "(and SUPERMIN_KERNEL_VERSION) or point it at one such as "
+                f"{(sorted(glob.glob('/boot/vmlinuz-*')) or ['/boot/vmlinuz-VERSION'])[-1]}")
+    modules = os.environ.get("SUPERMIN_MODULES")
+    if modules and not os.path.isdir(modules):
+        return (f"SUPERMIN_MODULES={modules} is not a directory: unset it or point it at "
+                "/lib/modules/VERSION")
+    kernels = glob.glob("/boot/vmlinuz-*")
+    if not kernels:
         return ("supermin needs a kernel in /boot: install linux-image-amd64 "
                 "(./setup.sh does)")
+    if not any(os.access(k, os.R_OK) for k in kernels):
+        return ("supermin cannot read the kernel in /boot: chmod 0644 /boot/vmlinuz-* "
+                "or run as root")
     return "run libguestfs-test-tool to see why; LIBGUESTFS_DEBUG=1 shows the appliance log"
 
 
@@ -135,6 +192,29 @@ def image_format(path: Path) -> str:
             return "qcow2"
     except OSError as e:
         raise UserError(f"{path}: cannot read the image: {e.strerror}") from None
+
+
+def check_image(path: Path, fmt: str) -> None:
+    """Refuse a damaged qcow2 (truncated, metadata pointing past its end)
+    before the appliance reads zeros where its data should be and a rootfs
+    with holes comes out.  qemu-img check only reads the image."""
+    if fmt != "qcow2" or shutil.which("qemu-img") is None:
+        return
+    proc = subprocess.run(["qemu-img", "check", "-U", "--output=json", "-f", "qcow2",
+                           str(path)], capture_output=True, text=True, check=False)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        report = {}
+    errors = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
+    if report and not errors and proc.returncode in (0, 3):  # 3: leaked clusters only
+        return
+    detail = (f"qemu-img check found {errors} errors" if errors else
+              (proc.stderr.strip().splitlines() or ["qemu-img check failed"])[-1])
+    raise UserError(f"{path}: the qcow2 image is damaged ({detail})",
+                    hint="it is probably truncated or incomplete; download or copy it again")
 
 
 @dataclasses.dataclass
@@ -181,6 +261,7 @@ class Appliance:
         self._drives.append(("", {"scratch": size}))
 
     def _new_handle(self, tcg: bool) -> Any:
+        self._killed_for, self._pid = None, 0  # nothing of a failed attempt carries over
         guestfs = _guestfs_module()
         g = guestfs.GuestFS(python_return_dict=True)
         if tcg:
@@ -205,7 +286,7 @@ class Appliance:
         with tempfile.TemporaryFile() as log:
             os.dup2(log.fileno(), 2)
             try:
-                self.call("launch")
+                self.call("launch", timeout=max(self.timeout, LAUNCH_TIMEOUT))
                 launches += 1
                 self._pid = self.g.get_pid()
             finally:
@@ -227,7 +308,8 @@ class Appliance:
             self._close_handle()
             if tcg:
                 raise ApplianceError(f"{self.label}: the libguestfs appliance did not start: "
-                                     f"{first.message}", hint=_launch_hint()) from None
+                                     f"{self._unlabelled(first)}", hint=_launch_hint()
+                                     ) from None
         ui.warn("the appliance failed to start with KVM; using TCG (software emulation, "
                 "slower)", once_key="tcg")
         _tcg_only = True
@@ -237,8 +319,11 @@ class Appliance:
         except ApplianceError as second:
             self._close_handle()
             raise ApplianceError(f"{self.label}: the libguestfs appliance did not start "
-                                 f"(KVM and TCG): {second.message}",
+                                 f"(KVM and TCG): {self._unlabelled(second)}",
                                  hint=_launch_hint()) from None
+
+    def _unlabelled(self, e: UserError) -> str:
+        return e.message.removeprefix(f"{self.label}: ")
 
     def __enter__(self) -> Appliance:
         self.launch()
@@ -280,8 +365,14 @@ class Appliance:
 
     def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run g.<name>(*args, **kwargs) on a worker thread with a timeout."""
-        fn = getattr(self.g, name)
-        return self._run(lambda: fn(*args, **kwargs), name, timeout)
+        g = self.g
+        fn = getattr(g, name)
+
+        def run() -> Any:
+            _quiet_thread(g)
+            return fn(*args, **kwargs)
+
+        return self._run(run, name, timeout)
 
     def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
         limit = timeout or self.timeout
@@ -327,8 +418,11 @@ class Appliance:
         fn = getattr(self.g, name)
         outcome: dict[str, Any] = {}
 
+        g = self.g
+
         def work() -> None:
             try:
+                _quiet_thread(g)
                 fn(*args, f"/dev/fd/{w}", **kwargs) if args else fn(f"/dev/fd/{w}", **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 outcome["error"] = e
@@ -360,6 +454,9 @@ class Appliance:
                 worker.join(0.5)
                 appliance_failed = "error" in outcome
                 self.kill(f"interrupted in {name}")
+                # libguestfs may be blocked writing to the full pipe, which no
+                # kill ends: close our end so that write fails now.
+                reader.close()
                 worker.join(30)
                 if self._killed_for and self._killed_for.startswith("timeout"):
                     raise ApplianceError(
@@ -388,8 +485,11 @@ class Appliance:
         fn = getattr(self.g, name)
         outcome: dict[str, Any] = {}
 
+        g = self.g
+
         def work() -> None:
             try:
+                _quiet_thread(g)
                 fn(f"/dev/fd/{r}", *args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 outcome["error"] = e
@@ -408,6 +508,10 @@ class Appliance:
                 pass
             except BaseException:
                 self.kill(f"interrupted in {name}")
+                # libguestfs may be blocked reading the pipe, which no kill
+                # ends: EOF (or EPIPE once it gave up) lets it return now.
+                with contextlib.suppress(OSError, ValueError):
+                    writer.close()
                 worker.join(30)
                 raise
             finally:
@@ -527,7 +631,7 @@ class Appliance:
         under an overlay whose upper directory lives on scratch disk 2, and
         hand the upper directory (the step's changes) to `consume_upper` as a
         tar stream.  Needs two scratch drives added, in that order."""
-        self.call("mkfs", "ext4", "/dev/sda")
+        self.call("mkfs", "ext4", "/dev/sda", label=_LOWER_LABEL)
         self.call("mount", "/dev/sda", "/")
         self.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True},
                        tree)
@@ -536,7 +640,7 @@ class Appliance:
                             hint="scripts run inside the rootfs; install bash in the base")
         self.call("mkdir_p", RUN_DIR)
         self.call("umount_all")
-        self.call("mkfs", "ext4", "/dev/sdb")
+        self.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL)
         self.call("debug", "sh", [_OVERLAY_UP])
         for i, (name, data) in enumerate(scripts):
             path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
@@ -547,6 +651,8 @@ class Appliance:
         try:
             self.call("command", ["/bin/bash", f"{RUN_DIR}/run.sh"])
         except ApplianceError:
+            if self._killed_for is not None:  # timed out: qemu is gone, say so
+                raise
             try:
                 tail = [line for line in self.call("tail_n", 15, f"{RUN_DIR}/log") if line]
             except ApplianceError:

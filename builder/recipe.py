@@ -168,11 +168,13 @@ def _read_text(path: Path, what: str) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
+        raise UserError(f"{path}: {what} not found", hint="check the path") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a {what} file") from None
+        raise UserError(f"{path}: is a directory, expected a {what} file",
+                        hint="give the path of the YAML file itself") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read the {what}: {e.strerror}") from None
+        raise UserError(f"{path}: cannot read the {what}: {e.strerror}",
+                        hint="check the path and its permissions") from None
     if len(raw) > MAX_RECIPE_BYTES:
         raise UserError(f"{path}: {what} is larger than {MAX_RECIPE_BYTES >> 20} MiB")
     try:
@@ -192,7 +194,9 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         problem = (e.problem or e.context or "invalid YAML").strip()
-        raise UserError(f"{path}{line}: invalid YAML: {problem}") from None
+        raise UserError(f"{path}{line}: invalid YAML: {problem}",
+                        hint="check the indentation, brackets and quotes up to that line"
+                        ) from None
     except yaml.reader.ReaderError as e:
         lineno = text[:e.position].count("\n") + 1
         char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
@@ -319,14 +323,32 @@ def _schema_error(err: jsonschema.ValidationError, marks: dict, path: Path) -> U
                          hint="see the recipe reference in README.md")
     if err.validator in ("pattern", "not") and key[-1:] == ("name",):
         return UserError(f"{dotted(key)}: {err.instance!r} may only hold A-Z a-z 0-9 . _ -",
-                         where=where)
+                         where=where, hint="it names the output directory; use e.g. "
+                                           "dpu-rootfs")
     if err.validator == "oneOf" and key[:1] == ("overlays",):
         return UserError(f"{dotted(key)}: an overlay is a directory path or a mapping with "
                          "path, dest, uid, gid, modes", where=where)
     message = err.message
     if len(message) > 200:
         message = message[:200] + "..."
-    return UserError(f"{dotted(key)}: {message}", where=where)
+    return UserError(f"{dotted(key)}: {message}", where=where, hint=schema_hint(err))
+
+
+_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string",
+               "integer": "an integer", "number": "a number", "boolean": "true or false",
+               "null": "empty"}
+
+
+def schema_hint(err: jsonschema.ValidationError) -> str:
+    """What to do about a schema violation, for the error's hint."""
+    key = dotted(tuple(err.absolute_path))
+    if err.validator == "type":
+        wanted = err.validator_value
+        types = [str(t) for t in (wanted if isinstance(wanted, list) else [wanted])]
+        return f"write {key} as " + " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+    if err.validator == "enum":
+        return "use one of the values listed"
+    return f"fix {key}"
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -384,7 +406,8 @@ def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
         dest = spec.get("dest", "/")
         if ".." in dest.split("/"):
             raise UserError(f"overlays[{i}].dest: {dest!r} must not contain '..'",
-                            where=locate(marks, ("overlays", i, "dest"), path))
+                            where=locate(marks, ("overlays", i, "dest"), path),
+                            hint="paths inside the rootfs may not contain '..'")
         overlays.append(Overlay(source=_resolve(base_for(("overlays", i)), spec["path"]),
                                 dest=dest, uid=spec.get("uid", 0), gid=spec.get("gid", 0),
                                 modes=tuple(modes)))

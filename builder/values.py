@@ -27,9 +27,15 @@ def check_ip(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not an IP address")
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address (like 192.168.1.1)") from None
+    if getattr(address, "scope_id", None) is not None:
+        # fe80::1%<anything>: the zone is free text ($(...), newlines) and names
+        # an interface of the machine that reads it, not an address
+        raise ValueError(f"{value!r} is not an IP address without a zone "
+                         "(drop the %zone part)")
+    return str(address)
 
 
 def check_port(value: object) -> int:

@@ -59,7 +59,7 @@ def fixture_image(session_dir: Path) -> Path:
     from builder import sampleimage
 
     path = session_dir / "images" / "openEuler-fixture.qcow2"
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     sampleimage.make(path, fidelity=True)
     return path
 

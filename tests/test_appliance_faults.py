@@ -1,0 +1,112 @@
+"""Appliance faults: a launch that cannot succeed, and a call that hangs.
+
+A failed launch is retried once with TCG, then explained in one line that
+names the likely fix; a call that makes no progress is stopped after
+--appliance-timeout seconds with one line naming the call and the option,
+and the appliance is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Build, one_error_line
+from reliability_helpers import (
+    copy_cache,
+    demo_image,
+    entries_of_kind,
+    error_lines,
+    gone_within,
+    leftovers,
+    recipe,
+    sleepy_element,
+    start_build,
+)
+
+pytestmark = [pytest.mark.appliance]
+
+
+def _supermin_env(tmp_path: Path) -> dict[str, str]:
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not kernels:
+        pytest.skip("no kernel in /boot")
+    appliance_cache = tmp_path / "libguestfs-cache"   # empty: supermin must build anew
+    appliance_cache.mkdir()
+    # The version is given too: supermin ignores a SUPERMIN_KERNEL whose name
+    # does not say it and picks one from /boot instead.
+    return {"SUPERMIN_KERNEL": "/nonexistent",
+            "SUPERMIN_KERNEL_VERSION": Path(kernels[-1]).name.removeprefix("vmlinuz-"),
+            "LIBGUESTFS_CACHEDIR": str(appliance_cache)}
+
+
+CASES = {
+    "qemu-fails": ({"LIBGUESTFS_HV": "/bin/false"},
+                   ["LIBGUESTFS_HV=/bin/false", "unset LIBGUESTFS_HV"]),
+    "supermin-kernel-missing": (None,
+                                ["supermin", "SUPERMIN_KERNEL=/nonexistent",
+                                 "unset SUPERMIN_KERNEL"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_launch_failure_is_one_line_with_the_fix(case: str, demo_build: Build,
+                                                 tmp_path: Path) -> None:
+    env, wanted = CASES[case]
+    env = dict(env or _supermin_env(tmp_path))
+    env["LIBGUESTFS_BACKEND_SETTINGS"] = ""   # not forced to TCG: KVM first, then TCG
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    r = recipe(tmp_path / "cold.yaml", "cold", demo_image(demo_build))
+    t0 = time.monotonic()
+    run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs",
+                      env=env)
+    assert run.finish(timeout=300) == 2, run.stderr
+    seconds = time.monotonic() - t0
+    print(f"{case}: failed in {seconds:.1f} s: {run.stderr}")
+    line = one_error_line(run.stderr)
+    assert "the libguestfs appliance did not start (KVM and TCG)" in line, line
+    for text in wanted:
+        assert text in line, line
+    assert line.count("base image openEuler") == 1, line    # the step is named once
+    # one retry with TCG, announced once
+    assert run.stderr.count("the appliance failed to start with KVM; using TCG") == 1
+    assert run.json["appliance_launches"] == 0
+    assert run.json["phase"] == "base image extraction"
+    assert leftovers(out, "cold", cache) == []
+    assert not (out / "cold").exists()
+    assert not gone_within(run.qemus(), 5)
+
+
+def test_hung_appliance_call_times_out(demo_build: Build, tmp_path: Path) -> None:
+    cache = copy_cache(demo_build.cache, tmp_path / "cache")
+    out = tmp_path / "out"
+    sleepy_element(tmp_path / "elements")
+    r = recipe(tmp_path / "sleepy.yaml", "sleepy", demo_image(demo_build),
+               elements=["sleepy"], params={"nap": 1000})
+    t0 = time.monotonic()
+    run = start_build(r, "-o", out, "--cache-dir", cache, "--json", "--appliance-timeout",
+                      "20", logs=tmp_path / "logs", env={"LIBGUESTFS_TRACE": "1"})
+    run.wait_for(lambda: "libguestfs: trace: command " in run.stderr, "the script to start")
+    started = time.monotonic()
+    assert run.finish(timeout=300) == 2, run.stderr
+    ended = time.monotonic()
+    print(f"hung call: stopped {ended - started:.1f} s after the script started, "
+          f"{ended - t0:.1f} s after the build did")
+    assert 19 <= ended - started < 60   # 20 s, give or take our polling
+    assert ended - t0 < 300   # well under the script's 1000 s
+    errors = error_lines(run.stderr)
+    assert "Traceback" not in run.stderr
+    assert len(errors) == 1, run.stderr
+    assert re.fullmatch(
+        r"rootfs-build: error: element sleepy \(install\.d/10-sleep\): appliance call "
+        r"command made no progress for 20 s and was stopped \(raise it with "
+        r"--appliance-timeout SECONDS.*\)", errors[0]), errors[0]
+    assert run.json["phase"] == "running element sleepy (install.d/10-sleep)"
+    assert run.json["appliance_launches"] == 1
+    assert run.qemus() and not gone_within(run.qemus(), 0), "qemu outlived the build"
+    assert leftovers(out, "sleepy", cache) == []
+    assert not (out / "sleepy").exists()
+    assert entries_of_kind(cache, "run") == []
