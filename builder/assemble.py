@@ -147,14 +147,7 @@ class Tree:
                 del self.nodes[final]
             if final:
                 self._ensure_parents(final, what)
-            node = Node(final, e.type, layer, e)
-            if e.type == LNK:
-                node.group = (index, e.linkname)
-            elif e.type == REG:
-                node.group = (index, e.name)
-            elif e.type == SYM:
-                node.linkname = e.linkname
-            self.nodes[final] = node
+            self.nodes[final] = _node(final, index, layer, e)
 
     def read_file(self, name: bytes, limit: int = 1 << 20) -> bytes | None:
         """Content of a small regular file of the merged tree (symlinks
@@ -179,13 +172,7 @@ class Tree:
     def _apply_first(self, index: int, layer: Layer) -> None:
         nodes = self.nodes
         for e in layer.entries:
-            node = Node(e.name, e.type, layer, e)
-            if e.type == LNK:
-                node.group = (index, e.linkname)
-            elif e.type == REG:
-                node.group = (index, e.name)
-            elif e.type == SYM:
-                node.linkname = e.linkname
+            node = _node(e.name, index, layer, e)
             if e.name:
                 parent = nodes.get(e.name.rpartition(b"/")[0])
                 if parent is None or parent.type != DIR:
@@ -193,6 +180,19 @@ class Tree:
             nodes[e.name] = node
         if b"" not in nodes:
             nodes[b""] = Node(b"", DIR, None, None)
+
+
+def _node(final: bytes, index: int, layer: Layer, e: IndexEntry) -> Node:
+    """The tree node for entry `e` of layer number `index`, placed at `final`.
+    A hard link group is named by the layer and the name of its data holder."""
+    node = Node(final, e.type, layer, e)
+    if e.type == LNK:
+        node.group = (index, e.linkname)
+    elif e.type == REG:
+        node.group = (index, e.name)
+    elif e.type == SYM:
+        node.linkname = e.linkname
+    return node
 
 
 def _copy_range(layer: Layer, offset: int, length: int, write: Callable[[bytes], None]) -> None:

@@ -38,8 +38,9 @@ from . import (
     sources,
     ui,
 )
-from .cache import Cache, sha256_file
+from .cache import Cache
 from .errors import UserError
+from .hashing import sha256_file
 from .layer import Layer, build_layer_from_tar
 from .recipe import IMAGE_FORMATS, TAR_FORMATS, Recipe
 
@@ -187,17 +188,12 @@ class Builder:
         self.mount_table = mount_table(contributions, where="element mounts")
         host_ko, host_kernel = es.params.get("qtfs_server_ko"), es.params.get("host_kernel")
         if host_ko is not None and host_kernel is not None:
-            try:
-                info = elfinfo.modinfo(host_ko)
-            except ValueError as e:
-                raise UserError(f"params.qtfs_server_ko: {host_ko}: {e}",
-                                where=self.recipe.where("params", "qtfs_server_ko"),
-                                hint="give the qtfs_server.ko built for the host's kernel"
-                                ) from None
-            magic = elfinfo.vermagic_release(info.get("vermagic", ""))
+            magic = elfinfo.module_kernel(host_ko)
             if magic != host_kernel:
-                raise UserError(f"{host_ko} was built for kernel {magic or '(no vermagic)'}, "
-                                f"but host_kernel is {host_kernel}",
+                built = (f"was built for kernel {magic}" if magic
+                         else "is not a kernel module (no vermagic)")
+                raise UserError(f"params.qtfs_server_ko: {host_ko} {built}, but host_kernel "
+                                f"is {host_kernel}",
                                 where=self.recipe.where("params", "qtfs_server_ko"),
                                 hint="use the qtfs_server.ko built for the host's kernel")
 
@@ -494,8 +490,8 @@ class Builder:
             manifest = self.manifest(es, epoch, epoch_source, stats, artifacts)
             outputs.write_text_atomic(out.staging / "manifest.json",
                                       json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            outputs.write_text_atomic(out.staging / "SHA256SUMS",
-                                      outputs.sha256sums(out.staging))
+            outputs.write_text_atomic(out.staging / "SHA256SUMS", outputs.sha256sums(
+                out.staging, known={a["path"]: a["sha256"] for a in artifacts}))
             if self.recipe.bundle and self.deploy is not None:
                 with Phase.enter("bundle"):
                     from .deploy import make_bundle

@@ -32,6 +32,7 @@ from typing import Any
 
 from . import ui
 from .errors import UserError
+from .hashing import sha256_file
 
 ENTRY_META = "entry.json"
 
@@ -39,16 +40,6 @@ ENTRY_META = "entry.json"
 def default_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rootfs-build"
-
-
-def sha256_file(path: Path, *, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 @dataclasses.dataclass

@@ -7,7 +7,8 @@ DEMO ONLY.  Nothing made here is a working DPU component:
 - stand-in rexec / rexec_server / engine programs (C, built with gcc) that
   record what they were asked to run instead of doing it;
 - stand-in qtfs.ko / qtfs_server.ko: ELF objects whose .modinfo carries the
-  vermagic of the kernels named in recipes/demo.yaml, nothing else;
+  vermagic of the kernels named in recipes/demo.yaml, nothing else
+  (sampleimage.fake_module);
 - a tiny "prebuilt libvirt" install tree of shell-script daemons.
 
 Inputs land in recipes/demo-inputs/ (not committed) and are made once.
@@ -57,12 +58,6 @@ int main(int argc, char **argv) {
 }
 """
 
-MODULE_C = r"""
-static const char modinfo[] __attribute__((used, section(".modinfo"), aligned(1))) =
-    "license=GPL\0" "description=DEMO stand-in, not a kernel module\0"
-    "name=%(name)s\0" "vermagic=%(kernel)s SMP mod_unload modversions \0";
-"""
-
 DAEMON_SH = """#!/bin/bash
 # DEMO stand-in for {name}: with -d it leaves a sleeping process and a pid file.
 if [ "${{1:-}}" = "-d" ]; then
@@ -91,12 +86,6 @@ def _program(src: str, out: Path, work: Path) -> None:
     _gcc(["-O2", "-s", "-static", "-o", str(out), str(c)], out.name)
 
 
-def _module(name: str, kernel: str, out: Path, work: Path) -> None:
-    c = work / f"{name}.c"
-    c.write_text(MODULE_C % {"name": name, "kernel": kernel})
-    _gcc(["-c", "-O0", "-fno-ident", "-o", str(out), str(c)], f"{name}.ko")
-
-
 def _libvirt_tree(root: Path) -> None:
     for rel, text in (("usr/sbin/libvirtd", DAEMON_SH.format(name="libvirtd")),
                       ("usr/sbin/virtlogd", DAEMON_SH.format(name="virtlogd")),
@@ -120,8 +109,9 @@ def prepare_inputs(inputs: Path = INPUTS) -> Path:
             ("rexec", lambda p: _program(REXEC_C, p, work)),
             ("rexec_server", lambda p: _program(STUB_C, p, work)),
             ("engine", lambda p: _program(STUB_C, p, work)),
-            ("qtfs.ko", lambda p: _module("qtfs", DPU_KERNEL, p, work)),
-            ("qtfs_server.ko", lambda p: _module("qtfs_server", HOST_KERNEL, p, work)),
+            ("qtfs.ko", lambda p: p.write_bytes(sampleimage.fake_module("qtfs", DPU_KERNEL))),
+            ("qtfs_server.ko",
+             lambda p: p.write_bytes(sampleimage.fake_module("qtfs_server", HOST_KERNEL))),
             ("libvirt-tree", _libvirt_tree),
             (BASE_IMAGE, lambda p: sampleimage.make(p)),
         ):

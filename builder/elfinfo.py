@@ -68,3 +68,12 @@ def modinfo(path: Path) -> dict[str, str]:
 def vermagic_release(vermagic: str) -> str:
     """The kernel release in a vermagic string ('6.1.0-18-arm64 SMP mod_unload ...')."""
     return vermagic.split()[0] if vermagic.split() else ""
+
+
+def module_kernel(path: Path) -> str | None:
+    """The kernel release a module was built for (from its vermagic), or
+    None when the file is not a kernel module or has no vermagic."""
+    try:
+        return vermagic_release(modinfo(path).get("vermagic", "")) or None
+    except ValueError:
+        return None

@@ -25,6 +25,7 @@ from typing import Any
 from . import FORMAT_VERSION, tarfmt, values
 from .elements import Element, ElementSet, condition_holds
 from .errors import UserError
+from .hashing import sha256_file
 from .layer import LayerWriter
 from .recipe import Overlay
 from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
@@ -95,14 +96,6 @@ class FilePlan:
             raise
 
 
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dest_name(dest: str, *, where: str) -> bytes:
     """A rootfs path from a recipe or element, refusing '..'."""
     try:
@@ -164,7 +157,7 @@ def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
                 seen_inodes[(st.st_dev, st.st_ino)] = name
                 default = 0o755 if st.st_mode & stat.S_IXUSR else 0o644
                 mode, _ = mode_for(r, default)
-                digest = _sha256_path(path)
+                digest = sha256_file(path)
                 plan.inputs[str(path)] = digest
                 plan.add(Item(Member(name, REG, mode, size=st.st_size, uid=uid, gid=gid),
                               path=path, digest=digest))
@@ -269,7 +262,7 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         if not src.is_file():
             raise UserError(f"{src}: file not found (files[{i}] of element {el.name})",
                             where=where, hint="add the file to the element or fix src")
-        digest = _sha256_path(src)
+        digest = sha256_file(src)
         plan.inputs[str(src)] = digest
         plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
                              mode(item, 0o644, ("files", i)), size=src.stat().st_size,

@@ -365,38 +365,51 @@ class Appliance:
 
     def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run g.<name>(*args, **kwargs) on a worker thread with a timeout."""
+        fn = getattr(self.g, name)
+        return self._run(lambda: fn(*args, **kwargs), name, timeout)
+
+    def _start(self, name: str, fn: Callable[[], Any],
+               after: Callable[[], None] | None = None) -> tuple[threading.Thread, dict]:
+        """Start fn on a worker thread; its value or exception lands in the
+        returned dict ("value" / "error"), then `after` runs there."""
+        outcome: dict[str, Any] = {}
         g = self.g
-        fn = getattr(g, name)
-
-        def run() -> Any:
-            _quiet_thread(g)
-            return fn(*args, **kwargs)
-
-        return self._run(run, name, timeout)
-
-    def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
-        limit = timeout or self.timeout
-        result: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                result["value"] = fn()
+                _quiet_thread(g)
+                outcome["value"] = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                result["error"] = e
+                outcome["error"] = e
+            finally:
+                if after is not None:
+                    after()
 
         worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
         self.touch()
         worker.start()
+        return worker, outcome
+
+    def _error(self, name: str, err: BaseException) -> ApplianceError:
+        first = str(err).splitlines()[0] if str(err) else name
+        return ApplianceError(f"{self.label}: {name}: {first}")
+
+    def _timeout_error(self, name: str, limit: float) -> ApplianceError:
+        return ApplianceError(
+            f"{self.label}: appliance call {name} made no progress for {limit:.0f} s "
+            "and was stopped", hint="raise it with --appliance-timeout SECONDS if the step "
+                                    "is slow")
+
+    def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
+        limit = timeout or self.timeout
+        worker, result = self._start(name, fn)
         try:
             while worker.is_alive():
                 worker.join(0.2)
                 if time.monotonic() - self._progress > limit:
                     self.kill(f"timeout in {name}")
                     worker.join(30)
-                    raise ApplianceError(
-                        f"{self.label}: appliance call {name} made no progress for "
-                        f"{limit:.0f} s and was stopped",
-                        hint="raise it with --appliance-timeout SECONDS if the step is slow")
+                    raise self._timeout_error(name, limit)
         except BaseException:
             if worker.is_alive():
                 self.kill(f"interrupted in {name}")
@@ -405,8 +418,7 @@ class Appliance:
         if "error" in result:
             err = result["error"]
             if isinstance(err, RuntimeError):
-                msg = str(err).splitlines()[0] if str(err) else name
-                raise ApplianceError(f"{self.label}: {name}: {msg}") from None
+                raise self._error(name, err) from None
             raise err
         return result["value"]
 
@@ -416,20 +428,8 @@ class Appliance:
         reads on this thread as the appliance writes it."""
         r, w = os.pipe()
         fn = getattr(self.g, name)
-        outcome: dict[str, Any] = {}
-
-        g = self.g
-
-        def work() -> None:
-            try:
-                _quiet_thread(g)
-                fn(*args, f"/dev/fd/{w}", **kwargs) if args else fn(f"/dev/fd/{w}", **kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                outcome["error"] = e
-            finally:
-                os.close(w)
-
-        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
+        worker, outcome = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
+                                      after=lambda: os.close(w))
         stop = threading.Event()
         limit = self.timeout
 
@@ -439,10 +439,7 @@ class Appliance:
                     self.kill(f"timeout in {name}")
                     return
 
-        self.touch()
-        worker.start()
-        dog = threading.Thread(target=watchdog, daemon=True)
-        dog.start()
+        threading.Thread(target=watchdog, daemon=True).start()
         reader = _ProgressReader(os.fdopen(r, "rb", buffering=1 << 20), self.touch)
         try:
             try:
@@ -459,22 +456,16 @@ class Appliance:
                 reader.close()
                 worker.join(30)
                 if self._killed_for and self._killed_for.startswith("timeout"):
-                    raise ApplianceError(
-                        f"{self.label}: appliance call {name} made no progress for "
-                        f"{limit:.0f} s and was stopped",
-                        hint="raise it with --appliance-timeout SECONDS") from None
+                    raise self._timeout_error(name, limit) from None
                 if appliance_failed and isinstance(consume_error, UserError):
-                    err = outcome["error"]
-                    raise ApplianceError(f"{self.label}: {name}: "
-                                         f"{str(err).splitlines()[0]}") from None
+                    raise self._error(name, outcome["error"]) from None
                 raise
             worker.join()
         finally:
             stop.set()
             reader.close()
         if "error" in outcome:
-            err = outcome["error"]
-            raise ApplianceError(f"{self.label}: {name}: {str(err).splitlines()[0]}") from None
+            raise self._error(name, outcome["error"]) from None
         return value
 
     def stream_in(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -483,22 +474,8 @@ class Appliance:
         `produce`, which writes on this thread as the appliance reads."""
         r, w = os.pipe()
         fn = getattr(self.g, name)
-        outcome: dict[str, Any] = {}
-
-        g = self.g
-
-        def work() -> None:
-            try:
-                _quiet_thread(g)
-                fn(f"/dev/fd/{r}", *args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                outcome["error"] = e
-            finally:
-                os.close(r)
-
-        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
-        self.touch()
-        worker.start()
+        worker, outcome = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
+                                      after=lambda: os.close(r))
         writer = _ProgressWriter(os.fdopen(w, "wb", buffering=1 << 20), self.touch)
         try:
             try:
@@ -521,8 +498,7 @@ class Appliance:
         finally:
             worker.join(1)
         if "error" in outcome:
-            err = outcome["error"]
-            raise ApplianceError(f"{self.label}: {name}: {str(err).splitlines()[0]}") from None
+            raise self._error(name, outcome["error"]) from None
 
     # -- inspection -----------------------------------------------------------
     def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:

@@ -10,7 +10,6 @@ layers below it) live in the index.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +19,7 @@ from typing import BinaryIO
 
 from . import tarfmt
 from .errors import UserError
+from .hashing import HashingFile
 from .tarfmt import CHR, LNK, REG, SYM, Member
 
 LAYER_TAR = "layer.tar"
@@ -61,21 +61,6 @@ class IndexEntry:
                    row[6].encode("latin-1"), bool(row[7]))
 
 
-class _HashingWriter:
-    """File writer that hashes and counts what passes through."""
-
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.pos = 0
-
-    def write(self, data: bytes) -> int:
-        self.f.write(data)
-        self.sha.update(data)
-        self.pos += len(data)
-        return len(data)
-
-
 class LayerWriter:
     """Build one layer in `directory` (which must exist and be empty)."""
 
@@ -84,8 +69,7 @@ class LayerWriter:
         self.directory = directory
         self.mtime_policy = mtime_policy
         self.source = source
-        self._file = open(directory / LAYER_TAR, "wb")  # noqa: SIM115 - closed in finish()
-        self._out = _HashingWriter(self._file)
+        self._out = HashingFile(directory / LAYER_TAR)
         self._entries: dict[bytes, IndexEntry] = {}
         self._deletions: set[bytes] = set()
         self._spool: BinaryIO | None = None
@@ -103,7 +87,7 @@ class LayerWriter:
                     f"{self.source}: hard link {m.name.decode('utf-8', 'replace')!r} points to "
                     f"{m.linkname.decode('utf-8', 'replace')!r}, which is not a regular file "
                     "earlier in the stream")
-        start = self._out.pos
+        start = self._out.size
         if m.type == REG and m.size:
             assert read is not None
             if m.size >= tarfmt.SPARSE_MIN:
@@ -135,7 +119,7 @@ class LayerWriter:
             self._out.write(header)
         self.newest_mtime = max(self.newest_mtime, m.mtime)
         self._entries[m.name] = IndexEntry(m.name, m.type, start, len(header),
-                                           self._out.pos - start, m.mtime,
+                                           self._out.size - start, m.mtime,
                                            m.linkname if m.type in (LNK, SYM) else b"", weak)
         if opaque:
             self._deletions.add(m.name)
@@ -167,16 +151,14 @@ class LayerWriter:
     def finish(self) -> dict:
         """Write the index; returns the layer's summary (also in index.json)."""
         self._out.write(tarfmt.END_OF_ARCHIVE)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._out.close()
         if self._spool is not None:
             self._spool.close()
         entries = sorted(self._entries.values(), key=lambda e: tarfmt.sort_key(e.name))
         summary = {
             "entries": len(entries),
             "data_bytes": self.data_bytes,
-            "tar_bytes": self._out.pos,
+            "tar_bytes": self._out.size,
             "tar_sha256": self._out.sha.hexdigest(),
             "newest_mtime": self.newest_mtime,
         }
@@ -194,7 +176,7 @@ class LayerWriter:
         return summary
 
     def abort(self) -> None:
-        self._file.close()
+        self._out.abort()
         if self._spool is not None:
             self._spool.close()
 

@@ -14,18 +14,18 @@ import ctypes.util
 import errno
 import fcntl
 import gzip
-import hashlib
 import os
 import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import zstandard
 
 from .errors import UserError
+from .hashing import HashingFile, sha256_file
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
@@ -36,31 +36,6 @@ BUFFER = 1 << 20
 def compression_versions() -> dict[str, str]:
     return {"zlib": zlib.ZLIB_RUNTIME_VERSION, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
             "python-zstandard": zstandard.__version__}
-
-
-class HashingFile:
-    """Write-only file that hashes and counts the bytes written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.f: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def close(self) -> None:
-        if not self.f.closed:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
 
 
 class TarSink:
@@ -116,18 +91,17 @@ class Tee:
             s.close()
 
 
-def sha256sums(directory: Path) -> str:
-    """`sha256sum` lines for every file under `directory`, sorted by path."""
+def sha256sums(directory: Path, known: dict[str, str] | None = None) -> str:
+    """`sha256sum` lines for every file under `directory`, sorted by path;
+    `known` gives digests already computed while writing (relative path ->
+    sha256), so large artifacts are not read again."""
     lines = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()):
         rel = path.relative_to(directory).as_posix()
         if rel == "SHA256SUMS":
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(BUFFER):
-                h.update(chunk)
-        lines.append(f"{h.hexdigest()}  {rel}\n")
+        digest = (known or {}).get(rel) or sha256_file(path)
+        lines.append(f"{digest}  {rel}\n")
     return "".join(lines)
 
 

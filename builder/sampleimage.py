@@ -86,6 +86,27 @@ def fake_elf(machine: int) -> bytes:
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
 
+def fake_module(name: str, kernel: str, machine: int = 62) -> bytes:
+    """A minimal ELF64 relocatable object whose .modinfo section names
+    `kernel` in its vermagic, like a kernel module's (not loadable)."""
+    import struct
+
+    modinfo = (f"license=GPL\0description=stand-in, not a kernel module\0name={name}\0"
+               f"vermagic={kernel} SMP mod_unload modversions \0").encode()
+    shstrtab = b"\0.modinfo\0.shstrtab\0"
+    data = modinfo + shstrtab
+    shoff = (64 + len(data) + 7) & ~7
+    header = (b"\x7fELF\x02\x01\x01" + bytes(9)
+              + struct.pack("<HHIQQQIHHHHHH", 1, machine, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2))
+
+    def section(name_off: int, kind: int, offset: int, size: int) -> bytes:
+        return struct.pack("<IIQQQQIIQQ", name_off, kind, 0, 0, offset, size, 0, 0, 1, 0)
+
+    sections = (bytes(64) + section(1, 1, 64, len(modinfo))
+                + section(10, 3, 64 + len(modinfo), len(shstrtab)))
+    return header + data + bytes(shoff - 64 - len(data)) + sections
+
+
 def root_tree(*, fidelity: bool, arch: str | None = None) -> bytes:
     """The tar of the root filesystem.  For an `arch` other than the build
     host's, the programs are ELF headers of that arch, not working binaries."""

@@ -10,7 +10,6 @@ configure, build and install it inside the rootfs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,15 +18,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .filelayers import FilePlan, plan_overlay
+from .hashing import sha256_file
 from .recipe import Overlay
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _refuse(archive: Path, name: str, why: str, where: str) -> UserError:
@@ -120,5 +112,5 @@ def plan_source(archive: Path, patches: list[Path], dest: str, workdir: Path, *,
     plan = plan_overlay(Overlay(source=root, dest=dest), 0, where)
     plan.kind = "source"
     plan.label = label
-    plan.inputs = {str(archive): _sha256(archive), **{str(p): _sha256(p) for p in patches}}
+    plan.inputs = {str(archive): sha256_file(archive), **{str(p): sha256_file(p) for p in patches}}
     return plan

@@ -16,6 +16,7 @@ from builder.deploy import DeployConfig, mount_table, render_deploy
 from builder.deploy.bundle import render_installer
 from builder.deploy.render import ConfigError, sh_quote
 from builder.errors import UserError
+from builder.sampleimage import fake_module
 
 BAD_IPS = [
     "1.2.3.4; touch /tmp/x",
@@ -80,7 +81,7 @@ def test_config_defaults_and_unknown_keys(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"^deploy\.rexec_port: missing"):
         DeployConfig.from_params({"name": "d", "host_ip": "1.2.3.4"}, "deploy")
     ko = tmp_path / "qtfs.ko"
-    ko.write_bytes(b"\0\x7fELF...\0vermagic=5.10.0-60.18.0.50.oe2203.aarch64 SMP mod_unload\0")
+    ko.write_bytes(fake_module("qtfs", "5.10.0-60.18.0.50.oe2203.aarch64", 183))
     ok = DeployConfig(name="d", host_ip="1.2.3.4", rexec_port=1, qtfs_ko=ko,
                       dpu_kernel="5.10.0-60.18.0.50.oe2203.aarch64")
     assert ok.qtfs_ko == ko
@@ -97,7 +98,7 @@ def test_sh_quote() -> None:
 
 def _render_all(tmp_path: Path) -> tuple[Path, list[Path]]:
     ko = tmp_path / "qtfs.ko"
-    ko.write_bytes(b"\0vermagic=6.6.0 SMP\0")
+    ko.write_bytes(fake_module("qtfs", "6.6.0"))
     engine = tmp_path / "engine"
     engine.write_bytes(b"\x7fELF")
     cfg = DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777, qtfs_ko=ko,
@@ -273,7 +274,7 @@ snap mi
 
 
 def _fake_ko(path: Path, release: str) -> Path:
-    path.write_bytes(b"\x7fELF\0\0name=qtfs\0vermagic=" + release.encode() + b" SMP mod_unload\0")
+    path.write_bytes(fake_module("qtfs", release))
     return path
 
 
@@ -339,7 +340,7 @@ def test_host_scripts_dry_run(tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "would run: rm -f -- /etc/systemd/system/qtfs-engine.service" in r.stdout
-    (ko).write_bytes(b"vermagic=0.0.1 SMP\0")
+    ko.write_bytes(fake_module("qtfs_server", "0.0.1"))
     render_deploy(out, DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777,
                                     qtfs_server_ko=ko), mount_table([], "m"))
     r = subprocess.run([str(out / "host/setup.sh"), "--dry-run"], capture_output=True, text=True)

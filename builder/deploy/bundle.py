@@ -14,7 +14,6 @@ again by install.sh on the DPU before it writes anything.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from .. import tarfmt, values
 from ..errors import UserError
+from ..hashing import sha256_file
 from .render import render_template
 
 SUMS = "SHA256SUMS"
@@ -71,14 +71,6 @@ def read_sums(path: Path) -> dict[str, str]:
             raise UserError(f"{rel} is listed twice", where=f"{path}:{n}")
         out[rel] = digest
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _scan(src: Path) -> tuple[list[str], list[str]]:
@@ -139,7 +131,7 @@ def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = 
         path = src / rel
         if rel not in files:
             raise UserError(f"{rel} is listed in {SUMS} but missing", where=str(src / SUMS))
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise UserError(f"checksum mismatch for {rel}", where=str(src / SUMS))
     if not any(rel in ARTIFACT_KINDS for rel in files):
         raise UserError(f"no rootfs artifact ({', '.join(ARTIFACT_KINDS)}) to bundle",

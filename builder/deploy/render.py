@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import values
+from .. import elfinfo, values
 from ..errors import UserError
 from .mounts import MountEntry, check_entry
 
@@ -34,7 +34,6 @@ WHITELIST_BASE = ("qemu-kvm", "/usr/bin/qemu-kvm", "/usr/libexec/qemu-kvm",
                   "taskset", "/usr/bin/taskset")
 COMMAND_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
 LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]+)$")
-VERMAGIC_RE = re.compile(rb"vermagic=([^\0\n ]+)")
 UNIT_DIR = "/etc/systemd/system"
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -54,12 +53,6 @@ def sh_quote(value: str | int) -> str:
     if _CONTROL_RE.search(text):
         raise ValueError(f"{text!r} contains control characters")
     return shlex.quote(text)
-
-
-def kernel_vermagic(path: Path) -> str | None:
-    """The kernel release a module was built for (first word of its vermagic)."""
-    m = VERMAGIC_RE.search(path.read_bytes())
-    return m.group(1).decode("ascii", "replace") if m else None
 
 
 def _check_listen(value: object) -> str:
@@ -157,7 +150,7 @@ class DeployConfig:
         check("host_engine_path", values.check_abs_path)
         check("host_rexec_server_path", values.check_abs_path)
         if self.qtfs_ko is not None:
-            magic = kernel_vermagic(self.qtfs_ko)
+            magic = elfinfo.module_kernel(self.qtfs_ko)
             if magic is None:
                 raise ConfigError("qtfs_ko", f"{str(self.qtfs_ko)!r} has no vermagic: "
                                   "not a kernel module")
