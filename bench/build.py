@@ -1,0 +1,719 @@
+"""Benchmark a whole build against its floors (issue 2).
+
+    .venv/bin/python bench/build.py [--size-gb 1.0] [--files 50000] [--workdir DIR]
+        [--keep] [--repeat N] [--warm-repeat N] [--profile] [--accel tcg|auto]
+        [--no-selinux] [--quiet-wait SECONDS]
+
+Makes (once, cached in the work directory) an openEuler-shaped qcow2 --
+MBR, p1 /boot ext4, p2 / ext4, usr-merged, openEuler os-release, a working
+bash -- whose root holds about SIZE GB in about FILES regular files copied
+from this host's /usr, picked deterministically, each with an SELinux
+label the way openEuler ships them.  Then, in one run, it times:
+
+    A  virt-tar-out -a IMAGE / out.tar      (guestfish's default: 1 vCPU)
+    B  guestfish: set-smp 2, run, inspect-os, mount / and /boot, tar-out
+                                            (the tool's vCPU count)
+    C  B with the tool's tar-out flags      (numericowner, xattrs, selinux, acls)
+    cold   rootfs-build RECIPE (tar.zst) with an empty cache          vs A
+    warm   the same command again, nothing changed                    vs zstd
+    warm'  again after changing one file of a small overlay           vs zstd
+    zstd   zstd -3 -T2 of the finished uncompressed tar (the floor)
+
+and the peak RSS of the rootfs-build Python process (its own, read with
+getrusage(RUSAGE_SELF) at exit; qemu is a separate process and is shown
+apart).  It also shows the CPU every step used and what the rest of the
+machine used meanwhile: on a shared 2-core machine someone else's tests can
+double a step's time.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, BinaryIO
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from builder import guestfs_io, sampleimage, tarfmt  # noqa: E402
+from builder.tarfmt import DIR, REG, SYM, Member  # noqa: E402
+
+BENCH_VERSION = 1
+PYTHON = REPO / ".venv" / "bin" / "python"
+PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+HOST_ROOTS = ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share", "/usr/include")
+MAX_FILE = 32 << 20          # no single host file larger than this
+MTIME = sampleimage.MTIME
+TARGETS = {"cold": 1.15, "warm": 2.0, "rss_mb": 300}
+
+# Runs builder.cli.main (what .venv/bin/rootfs-build runs) and, at exit,
+# records the process's own rusage and that of the children it waited for
+# (qemu, via libguestfs).
+CLI_HOOK = r"""
+import atexit, json, os, resource, sys
+def _dump():
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.environ["ROOTFS_BENCH_RUSAGE"], "w") as f:
+        json.dump({"self_maxrss_kb": s.ru_maxrss, "self_cpu": s.ru_utime + s.ru_stime,
+                   "children_maxrss_kb": c.ru_maxrss,
+                   "children_cpu": c.ru_utime + c.ru_stime}, f)
+atexit.register(_dump)
+sys.argv[0] = "rootfs-build"
+from builder.cli import main
+sys.exit(main())
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# choosing host files
+
+
+@dataclasses.dataclass
+class Pick:
+    arcname: bytes
+    host: bytes
+    size: int
+    mode: int
+    mtime_ns: int
+    linkname: bytes = b""   # set for symlinks
+
+
+def _rank(name: bytes) -> bytes:
+    return hashlib.sha256(name).digest()[:8]
+
+
+def _walk(top: bytes, out: list[Pick]) -> None:
+    try:
+        it = os.scandir(top)
+    except OSError:
+        return
+    with it:
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            arc = e.path.lstrip(b"/")
+            if e.is_symlink():
+                with contextlib.suppress(OSError):
+                    out.append(Pick(arc, e.path, 0, 0o777, st.st_mtime_ns, os.readlink(e.path)))
+            elif e.is_dir(follow_symlinks=False):
+                _walk(e.path, out)
+            elif e.is_file(follow_symlinks=False) and st.st_size <= MAX_FILE \
+                    and os.access(e.path, os.R_OK):
+                out.append(Pick(arc, e.path, st.st_size, st.st_mode & 0o7777, st.st_mtime_ns))
+
+
+def choose_host_files(total: int, nfiles: int, skip: set[bytes]) -> tuple[list[Pick], int]:
+    """About `nfiles` regular files adding up to about `total` bytes, plus the
+    symlinks met on the way.  Candidates are visited in an order given by a
+    hash of their path (a uniform, reproducible sample of the host's /usr);
+    a file is taken when it keeps the running size on the line from 0 to
+    `total`, so a few big files cannot eat the budget."""
+    cands: list[Pick] = []
+    for root in HOST_ROOTS:
+        _walk(os.fsencode(root), cands)
+    cands.sort(key=lambda p: _rank(p.arcname))
+    slack = max(total // 50, 8 << 20)
+    picks: list[Pick] = []
+    size = count = 0
+    for p in cands:
+        if count >= nfiles:
+            break
+        if p.arcname in skip:
+            continue
+        if p.linkname:
+            picks.append(p)
+            continue
+        if size + p.size > total * (count + 1) // nfiles + slack:
+            continue
+        picks.append(p)
+        size += p.size
+        count += 1
+    return picks, len(cands)
+
+
+# ---------------------------------------------------------------------------
+# writing the trees (streamed to files: the root tar is ~1 GB)
+
+
+_LABELS = ((b"usr/bin/", b"bin_t"), (b"usr/sbin/", b"bin_t"), (b"usr/libexec/", b"bin_t"),
+           (b"usr/lib/", b"lib_t"), (b"usr/lib64/", b"lib_t"), (b"etc/", b"etc_t"),
+           (b"usr/share/", b"usr_t"), (b"usr/include/", b"usr_t"), (b"boot/", b"boot_t"),
+           (b"tmp", b"tmp_t"), (b"var/", b"var_t"), (b"root", b"admin_home_t"))
+
+
+def selinux_label(name: bytes) -> bytes:
+    kind = next((t for prefix, t in _LABELS if name.startswith(prefix) or name + b"/" == prefix),
+                b"default_t" if name else b"root_t")
+    return b"system_u:object_r:" + kind + b":s0\0"
+
+
+class StreamTar:
+    """sampleimage._TarBuilder, writing to a file as it goes."""
+
+    def __init__(self, f: BinaryIO, *, selinux: bool):
+        self.f = f
+        self.selinux = selinux
+        self.names: set[bytes] = set()
+        self.files = 0
+        self.data_bytes = 0
+
+    def _parents(self, name: bytes) -> None:
+        parts = name.split(b"/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = b"/".join(parts[:i])
+            if d not in self.names:
+                self.add(Member(d, DIR, 0o755, mtime=MTIME))
+
+    def add(self, m: Member, data: BinaryIO | None = None) -> None:
+        self._parents(m.name)
+        self.names.add(m.name)
+        if self.selinux:
+            m.xattrs.setdefault(b"security.selinux", selinux_label(m.name))
+        if m.type == REG:
+            self.files += 1
+            self.data_bytes += m.size
+        tarfmt.write_member(self.f, m, data)
+
+    def close(self) -> None:
+        self.f.write(tarfmt.END_OF_ARCHIVE)
+
+
+def write_root_tar(path: Path, picks: list[Pick], *, selinux: bool) -> StreamTar:
+    import io
+    with open(path, "wb") as f:
+        t = StreamTar(f, selinux=selinux)
+        # The sample image's skeleton: dirs, usr-merge links, os-release, bash.
+        for m, data in tarfmt.read_all(sampleimage.root_tree(fidelity=False), "skeleton"):
+            t.add(m, io.BytesIO(data))
+        for p in picks:
+            if p.arcname in t.names:
+                continue
+            if p.linkname:
+                t.add(Member(p.arcname, SYM, 0o777, mtime=MTIME, linkname=p.linkname))
+                continue
+            with open(p.host, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                t.add(Member(p.arcname, REG, p.mode, size=size, mtime=MTIME), src)
+        t.close()
+    return t
+
+
+def write_boot_tar(path: Path, *, selinux: bool) -> int:
+    import glob
+    import io
+    with open(path, "wb") as f:
+        t = StreamTar(f, selinux=selinux)
+        kver = "5.10.0-60.18.0.50.oe2203.x86_64"
+        kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+        if kernels and os.access(kernels[-1], os.R_OK):
+            with open(kernels[-1], "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                t.add(Member(f"vmlinuz-{kver}".encode(), REG, 0o755, size=size, mtime=MTIME), src)
+        cfg = b"# openEuler-shaped bench image\nset default=0\n"
+        t.add(Member(b"grub2", DIR, 0o700, mtime=MTIME))
+        t.add(Member(b"grub2/grub.cfg", REG, 0o600, size=len(cfg), mtime=MTIME), io.BytesIO(cfg))
+        t.close()
+    return t.data_bytes
+
+
+def base_image(workdir: Path, size_gb: float, nfiles: int, *, selinux: bool,
+               env: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    """The cached base image for these parameters (made when missing)."""
+    total = int(size_gb * (1 << 30))
+    skeleton = sampleimage.root_tree(fidelity=False)
+    skip = {m.name for m, _ in tarfmt.read_all(skeleton, "skeleton")}
+    t0 = time.monotonic()
+    picks, candidates = choose_host_files(total, nfiles, skip)
+    files = [p for p in picks if not p.linkname]
+    doc = {"v": BENCH_VERSION, "selinux": selinux, "skeleton": hashlib.sha256(skeleton).hexdigest(),
+           "picks": hashlib.sha256(b"".join(
+               p.arcname + b"\0" + p.linkname + b"\0%d\0%d\0%o\n" % (p.size, p.mtime_ns, p.mode)
+               for p in picks)).hexdigest()}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+    image = workdir / f"base-{size_gb:g}g-{nfiles}f-{key}.qcow2"
+    file_bytes = sum(p.size for p in files)
+    info: dict[str, Any] = {"image": str(image), "files": len(files),
+                            "symlinks": len(picks) - len(files), "file_bytes": file_bytes,
+                            "host_candidates": candidates, "selinux_labels": selinux}
+    log(f"picked {len(files)} files ({file_bytes / 1e6:.0f} MB) and "
+        f"{info['symlinks']} symlinks from {candidates} host candidates in "
+        f"{time.monotonic() - t0:.1f} s")
+    meta = image.with_suffix(".json")
+    if image.exists() and meta.exists():
+        log(f"base image cached: {image}")
+        return image, json.loads(meta.read_text())
+    trees = Path(tempfile.mkdtemp(prefix="trees-", dir=workdir))
+    try:
+        t0 = time.monotonic()
+        root = write_root_tar(trees / "root.tar", picks, selinux=selinux)
+        boot_bytes = write_boot_tar(trees / "boot.tar", selinux=selinux)
+        tar_bytes = (trees / "root.tar").stat().st_size
+        log(f"root tree: {len(root.names)} entries, {root.files} files, "
+            f"{tar_bytes / 1e6:.0f} MB tar, written in {time.monotonic() - t0:.1f} s")
+        size_mib = 64 + ((tar_bytes + len(root.names) * 4096) * 5 // 4 >> 20) + 256
+        t0 = time.monotonic()
+        log(f"writing {image.name} ({size_mib} MiB disk) with the appliance; under TCG "
+            "this takes a few minutes")
+        saved = os.environ.get("LIBGUESTFS_BACKEND_SETTINGS")
+        if "LIBGUESTFS_BACKEND_SETTINGS" in env:
+            os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = env["LIBGUESTFS_BACKEND_SETTINGS"]
+        try:
+            guestfs_io.make_disk_image(
+                image, fmt="qcow2", size_mib=size_mib,
+                partitions=[guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
+                trees={"/": trees / "root.tar", "/boot": trees / "boot.tar"},
+                label=f"bench image {image.name}")
+        finally:
+            if saved is None:
+                os.environ.pop("LIBGUESTFS_BACKEND_SETTINGS", None)
+            else:
+                os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = saved
+        info.update(entries=len(root.names), root_tar_bytes=tar_bytes, boot_bytes=boot_bytes,
+                    disk_mib=size_mib, qcow2_bytes=image.stat().st_size,
+                    made_in_s=round(time.monotonic() - t0, 1))
+        meta.write_text(json.dumps(info, indent=1) + "\n")
+        log(f"base image written in {info['made_in_s']} s: {image.stat().st_size / 1e6:.0f} MB")
+        return image, info
+    finally:
+        shutil.rmtree(trees, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# running and timing
+
+
+@dataclasses.dataclass
+class Run:
+    seconds: float
+    rc: int
+    cpu: float                      # user+sys of the process and its waited children
+    others: float = 0.0             # CPU seconds the rest of the machine used meanwhile
+    rusage: dict[str, Any] = dataclasses.field(default_factory=dict)   # from CLI_HOOK
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # --json output
+
+
+_current: subprocess.Popen[bytes] | None = None
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    guest = sum(fields[8:10])                                    # already in user/nice
+    return (sum(fields) - idle - guest) / _TICK
+
+
+QUIET_WAIT = 0.0   # --quiet-wait
+
+
+def wait_until_quiet(limit: float) -> None:
+    """Wait (at most `limit` s) until the rest of the machine stays below
+    0.15 busy cores for 3 s, so a step does not share the CPU with someone
+    else's tests."""
+    deadline = time.monotonic() + limit
+    said = False
+    while True:
+        b0 = busy_cpu_seconds()
+        time.sleep(3)
+        load = (busy_cpu_seconds() - b0) / 3
+        if load < 0.15:
+            return
+        if time.monotonic() > deadline:
+            log(f"machine still busy ({load:.2f} cores); going ahead")
+            return
+        if not said:
+            log(f"machine busy ({load:.2f} cores used by others); waiting up to {limit:.0f} s")
+            said = True
+
+
+def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | None = None,
+        rusage_file: Path | None = None, shown: str | None = None,
+        timeline: list[str] | None = None) -> Run:
+    """Run `cmd` to completion; wall time, and CPU time from wait4.  With
+    `timeline`, stderr lines are collected there stamped with seconds since
+    the start (costs a pipe; only the profiling runs use it)."""
+    global _current
+    full_env = {**os.environ, **env}
+    if rusage_file is not None:
+        full_env["ROOTFS_BENCH_RUSAGE"] = str(rusage_file)
+    if QUIET_WAIT > 0:
+        wait_until_quiet(QUIET_WAIT)
+    with open(log_to, "ab") as err, open(stdout or os.devnull, "wb") as out:
+        err.write(f"$ {shown or ' '.join(cmd)}\n".encode())
+        err.flush()
+        busy0 = busy_cpu_seconds()
+        start = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE if timeline is not None
+                             else err, env=full_env, cwd=REPO)
+        _current = p
+        if timeline is not None:
+            assert p.stderr is not None
+            for raw in p.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                stamped = f"[{time.perf_counter() - start:7.1f} s] {line}"
+                timeline.append(stamped)
+                err.write(stamped.encode() + b"\n")
+        _, status, ru = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - start
+        busy = busy_cpu_seconds() - busy0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        _current = None
+    cpu = ru.ru_utime + ru.ru_stime
+    r = Run(seconds, p.returncode, cpu, others=max(busy - cpu, 0.0))
+    if r.rc != 0:
+        raise SystemExit(f"bench: {shown or cmd[0]} failed (exit {r.rc}); see {log_to}")
+    if rusage_file is not None and rusage_file.exists():
+        r.rusage = json.loads(rusage_file.read_text())
+    if stdout is not None and stdout.exists():
+        text = stdout.read_text().strip()
+        if text.startswith("{"):
+            r.summary = json.loads(text.splitlines()[-1])
+    return r
+
+
+def smp2_tar_out(image: Path, out: Path, flags: list[str]) -> list[str]:
+    """guestfish's -i with 2 vCPUs: -i launches before any command could call
+    set-smp, so do what -i does by hand (inspect, mount / and /boot)."""
+    return ["guestfish", "--ro", "--format=qcow2", "-a", str(image), "--",
+            "set-smp", "2", ":", "run", ":", "inspect-os", ":",
+            "mount-ro", "/dev/sda2", "/", ":", "mount-ro", "/dev/sda1", "/boot", ":",
+            "tar-out", "/", str(out), *flags]
+
+
+def cli_cmd(recipe: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [str(PYTHON), "-c", CLI_HOOK, str(recipe), "-o", str(out), "--cache-dir", str(cache),
+            "--json", *extra]
+
+
+def cli_shown(cmd: list[str]) -> str:
+    """How the log shows a cli_cmd: as the rootfs-build command it is."""
+    i = cmd.index(CLI_HOOK)
+    return " ".join([*cmd[:i - 2], "rootfs-build", *cmd[i + 1:]])
+
+
+def median(runs: list[Run]) -> Run:
+    """The run with the median time (lower median for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.seconds)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# ---------------------------------------------------------------------------
+# profiling (py-spy, extra runs: the timed runs are never sampled)
+
+
+def profile_summary(raw: Path, rate: int, top: int = 12) -> list[str]:
+    """Self and inclusive CPU seconds per function from py-spy's raw
+    (collapsed stack) output; py-spy leaves idle samples out, so these are
+    seconds the Python process spent running, not waiting on the appliance."""
+    self_s: dict[str, int] = defaultdict(int)
+    incl: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not samples.isdigit():
+            continue
+        count = int(samples)
+        frames = []
+        for f in stack.split(";"):
+            func, paren, where = f.partition(" (")
+            if not paren:
+                continue
+            path = where.rstrip(")").rpartition(":")[0].replace(f"{REPO}/", "")
+            if "builder/" not in path:
+                path = path.rpartition("/")[2]
+            frames.append(f"{func} ({path})")
+        if not frames:
+            continue
+        total += count
+        self_s[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    lines = [f"  {total / rate:.1f} s of Python CPU sampled (@{rate} Hz; idle waits excluded)",
+             "  self time, by function:"]
+    for fn, n in sorted(self_s.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {n / rate:7.2f} s {100 * n / max(total, 1):5.1f}%  {fn}")
+    lines.append("  inclusive, builder/ functions:")
+    shown = [(fn, n) for fn, n in incl.items() if "builder/" in fn and not fn.startswith("main ")]
+    for fn, n in sorted(shown, key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {n / rate:7.2f} s {100 * n / max(total, 1):5.1f}%  {fn}")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gb", type=float, default=1.0, help="bytes of file data (GiB)")
+    ap.add_argument("--files", type=int, default=50000, help="regular files in the base")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rootfs-build-bench"),
+                    help="where the base image is cached and runs happen")
+    ap.add_argument("--keep", action="store_true", help="keep this run's outputs and caches")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per step; medians are shown")
+    ap.add_argument("--warm-repeat", type=int, default=3, metavar="N",
+                    help="per --repeat, time the (short) warm builds and the zstd floor N "
+                         "times; medians are shown")
+    ap.add_argument("--profile", action="store_true",
+                    help="afterwards, run cold and warm once more under py-spy and summarize")
+    ap.add_argument("--accel", choices=("tcg", "auto"), default="tcg",
+                    help="tcg: LIBGUESTFS_BACKEND_SETTINGS=force_tcg for every appliance "
+                         "(baselines and builds alike); auto: let libguestfs/the tool choose")
+    ap.add_argument("--selinux", action=argparse.BooleanOptionalAction, default=True,
+                    help="label every file with security.selinux, as openEuler does")
+    ap.add_argument("--quiet-wait", type=float, default=180, metavar="SECONDS",
+                    help="before each timed step, wait up to this long for other processes "
+                         "to leave the CPU (0: do not wait)")
+    args = ap.parse_args()
+    global QUIET_WAIT
+    QUIET_WAIT = args.quiet_wait
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    env = {"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"} if args.accel == "tcg" else {}
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    image, info = base_image(workdir, args.size_gb, args.files, selinux=args.selinux, env=env)
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    logf = rundir / "log.txt"
+    log(f"run directory {rundir} (commands and their stderr in log.txt)")
+    results: dict[str, list[Run]] = defaultdict(list)
+    profiles: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    try:
+        overlay = rundir / "overlay"
+        (overlay / "etc" / "bench").mkdir(parents=True)
+        for i in range(3):
+            (overlay / "etc" / "bench" / f"file{i}.conf").write_text(f"setting = {i}\n")
+        (overlay / "etc" / "bench" / "changing.conf").write_text("generation = 0\n")
+        recipe = rundir / "bench.yaml"
+        recipe.write_text(
+            "name: bench\n"
+            f"base:\n  image: {json.dumps(str(image))}\n"
+            f"overlays:\n  - {json.dumps(str(overlay))}\n"
+            "output:\n  formats: [tar.zst]\n  bundle: false\n")
+        out_dir = rundir / "out"
+        changes = 0
+        for rep in range(args.repeat):
+            tag = f" ({rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+            base_out = rundir / "baseline.tar"
+            log(f"A: virt-tar-out{tag}")
+            results["A"].append(run(["virt-tar-out", "-a", str(image), "/", str(base_out)],
+                                    env=env, log_to=logf))
+            base_out.unlink()
+            log(f"B: guestfish --smp 2 tar-out{tag}")
+            results["B"].append(run(smp2_tar_out(image, base_out, []), env=env, log_to=logf))
+            base_out.unlink()
+            log(f"C: guestfish --smp 2 tar-out with the tool's flags{tag}")
+            results["C"].append(run(smp2_tar_out(image, base_out, [
+                "numericowner:true", "xattrs:true", "selinux:true", "acls:true"]),
+                env=env, log_to=logf))
+            sizes["baseline C tar"] = base_out.stat().st_size
+            base_out.unlink()
+
+            cache = rundir / f"cache-{rep}"
+            if cache.exists():
+                shutil.rmtree(cache)
+            cache.mkdir()
+            log(f"cold build{tag}")
+            cmd = cli_cmd(recipe, out_dir, cache)
+            r = run(cmd, env=env, log_to=logf, stdout=rundir / "cold.json",
+                    rusage_file=rundir / "cold.rusage", shown=cli_shown(cmd))
+            results["cold"].append(r)
+            floor_dir = rundir / "floor"
+            floor_dir.mkdir(exist_ok=True)
+            plain = floor_dir / "rootfs.tar"
+            zst = out_dir / "bench" / "rootfs.tar.zst"
+            subprocess.run(["zstd", "-d", "-q", "-f", str(zst), "-o", str(plain)], check=True)
+            sizes["rootfs.tar"] = plain.stat().st_size
+            sizes["rootfs.tar.zst"] = zst.stat().st_size
+            for w in range(args.warm_repeat):
+                wtag = f"{tag} [{w + 1}/{args.warm_repeat}]" if args.warm_repeat > 1 else tag
+                log(f"warm rebuild, nothing changed{wtag}")
+                r = run(cmd, env=env, log_to=logf, stdout=rundir / "warm.json",
+                        rusage_file=rundir / "warm.rusage", shown=cli_shown(cmd))
+                results["warm"].append(r)
+                built = [x for x in r.summary.get("layers", []) if x["cache"] == "built"]
+                if built or r.summary.get("appliance_launches"):
+                    log(f"WARNING: warm build rebuilt {built} / launched the appliance")
+                changes += 1
+                (overlay / "etc" / "bench" / "changing.conf").write_text(
+                    f"generation = {changes}\n")
+                log(f"warm rebuild, one overlay file changed{wtag}")
+                r = run(cmd, env=env, log_to=logf, stdout=rundir / "warm2.json",
+                        rusage_file=rundir / "warm2.rusage", shown=cli_shown(cmd))
+                results["warm2"].append(r)
+                built = [x["kind"] for x in r.summary.get("layers", [])
+                         if x["cache"] == "built"]
+                if built != ["overlay"]:
+                    log(f"WARNING: expected only the overlay layer rebuilt, got {built}")
+                log(f"zstd -3 -T2 floor{wtag}")
+                results["zstd"].append(run(["zstd", "-3", "-T2", "-q", "-f", str(plain), "-o",
+                                            str(floor_dir / "rootfs.tar.zst")],
+                                           env={}, log_to=logf))
+            shutil.rmtree(floor_dir)
+            if not args.keep and rep + 1 < args.repeat:
+                shutil.rmtree(cache)
+
+        if args.profile:
+            rate = 100
+            for name, fresh in (("cold", True), ("warm", False)):
+                cache = rundir / "cache-profile"
+                if fresh and cache.exists():
+                    shutil.rmtree(cache)
+                cache.mkdir(exist_ok=True)
+                raw = workdir / f"profile-{name}.txt"
+                log(f"py-spy record: {name} build (not timed; -v for a phase timeline)")
+                cmd = cli_cmd(recipe, out_dir, cache, "-v")
+                timeline: list[str] = []
+                r = run([str(PY_SPY), "record", "--nonblocking", "-r", str(rate), "-f", "raw",
+                         "-o", str(raw), "--", *cmd], env=env, log_to=logf,
+                        rusage_file=rundir / "profile.rusage", timeline=timeline,
+                        shown=f"py-spy record ... -- {cli_shown(cmd)}")
+                profiles[name] = [f"py-spy, {name} build, {r.seconds:.1f} s wall ({raw}):",
+                                  *profile_summary(raw, rate), "  timeline (-v):",
+                                  *(f"    {t}" for t in timeline if "py-spy" not in t)]
+    except KeyboardInterrupt:
+        if _current is not None and _current.poll() is None:
+            _current.terminate()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(_current.pid, 0)
+        log("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept {rundir}")
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    report(args, info, results, sizes, profiles, workdir)
+    return 0
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, list[Run]],
+           sizes: dict[str, int], profiles: dict[str, list[str]], workdir: Path) -> None:
+    med = {k: median(v) for k, v in results.items()}
+    a, b, c = med["A"].seconds, med["B"].seconds, med["C"].seconds
+    floor = med["zstd"].seconds
+    rows: list[tuple[str, float, str, str, str]] = []
+    verdicts = []
+
+    def ratio(x: float, base: float) -> str:
+        return f"{x / base:.2f}x"
+
+    def check(x: float, base: float, limit: float) -> str:
+        ok = x / base <= limit
+        verdicts.append(ok)
+        return "PASS" if ok else "FAIL"
+
+    rows.append(("A  virt-tar-out -a IMG / (1 vCPU, no xattrs)", a, "", "", ""))
+    rows.append(("B  guestfish --smp 2 tar-out / (no xattrs)", b, ratio(b, a) + " of A", "", ""))
+    rows.append(("C  B + numericowner,xattrs,selinux,acls", c, ratio(c, a) + " of A", "", ""))
+    cold = med["cold"].seconds
+    rows.append(("cold build, tar.zst, empty cache", cold, ratio(cold, a) + " of A",
+                 f"<= {TARGETS['cold']}x A", check(cold, a, TARGETS["cold"])))
+    rows.append(("   (same, against B / C)", cold, f"{ratio(cold, b)} B, {ratio(cold, c)} C",
+                 "info", ""))
+    rows.append(("Z  zstd -3 -T2 of the finished tar", floor, "", "", ""))
+    for key, label in (("warm", "warm rebuild, nothing changed"),
+                       ("warm2", "warm rebuild, 1 overlay file changed")):
+        w = med[key].seconds
+        rows.append((label, w, ratio(w, floor) + " of Z", f"<= {TARGETS['warm']}x Z",
+                     check(w, floor, TARGETS["warm"])))
+
+    n = args.repeat
+    width = max(len(r[0]) for r in rows)
+    out = [f"rootfs-build benchmark: {info['files']} files + {info['symlinks']} symlinks, "
+           f"{info['file_bytes'] / 1e9:.2f} GB of file data"
+           f"{', SELinux-labelled' if info.get('selinux_labels') else ''}; "
+           f"rootfs tar {sizes['rootfs.tar'] / 1e9:.2f} GB -> tar.zst "
+           f"{sizes['rootfs.tar.zst'] / 1e9:.2f} GB; accel={args.accel}; "
+           f"medians of {n} cold and {n * args.warm_repeat} warm/zstd runs",
+           f"image {info['image']}", "",
+           f"{'step':<{width}}  {'seconds':>8}  {'ratio':<18}  {'target':<12}  result",
+           "-" * (width + 52)]
+    for label, secs, rat, target, verdict in rows:
+        out.append(f"{label:<{width}}  {secs:8.1f}  {rat:<18}  {target:<12}  {verdict}")
+    out.append("")
+    out.append(f"{'peak RSS (rootfs-build Python process)':<{width}}  {'MB':>8}  "
+               f"{'qemu (child) MB':<18}  {'target':<12}  result")
+    out.append("-" * (width + 52))
+    for key, label in (("cold", "cold build"), ("warm", "warm rebuild, nothing changed"),
+                       ("warm2", "warm rebuild, 1 overlay file changed")):
+        runs = results[key]
+        rss = max(r.rusage.get("self_maxrss_kb", 0) for r in runs) / 1024
+        # A forked child starts with its parent's RSS, so the children's peak
+        # means qemu only when qemu ran (it dwarfs the Python process).
+        qemu_runs = [r for r in runs if r.rusage.get("children_cpu", 0) > 1]
+        qemu = (f"{max(r.rusage['children_maxrss_kb'] for r in qemu_runs) / 1024:.0f}"
+                if qemu_runs else "- (no appliance)")
+        ok = rss <= TARGETS["rss_mb"]
+        verdicts.append(ok)
+        out.append(f"{label:<{width}}  {rss:8.0f}  {qemu:<18}  "
+                   f"{'<= ' + str(TARGETS['rss_mb']) + ' MB':<12}  {'PASS' if ok else 'FAIL'}")
+    out.append("")
+    out.append("CPU seconds (user+sys) during each step; 'others' is what the rest of the")
+    out.append("machine used meanwhile, in average busy cores (2 cores here): above ~0.1 the")
+    out.append("step competed for CPU and its time is inflated.")
+    noisy = []
+    for key, label in (("A", "A"), ("B", "B"), ("C", "C"), ("cold", "cold"), ("warm", "warm"),
+                       ("warm2", "warm'"), ("zstd", "Z")):
+        r = med[key]
+        if r.rusage:
+            own = (f"python {r.rusage.get('self_cpu', 0):6.1f}  qemu+children "
+                   f"{r.rusage.get('children_cpu', 0):6.1f}")
+        else:
+            own = f"process tree {r.cpu:6.1f}"
+        load = r.others / r.seconds
+        if load > 0.1:
+            noisy.append(label)
+        out.append(f"  {label:5} wall {r.seconds:6.1f}  {own:<38}  others {load:4.2f} cores")
+    cold_cpu = med["cold"].rusage.get("self_cpu", 0) + med["cold"].rusage.get("children_cpu", 0)
+    out.append(f"  CPU ratios (less sensitive to a busy machine than wall time): cold/C "
+               f"{cold_cpu / max(med['C'].cpu, 1e-9):.2f}x, cold/A "
+               f"{cold_cpu / max(med['A'].cpu, 1e-9):.2f}x, warm/Z "
+               f"{med['warm'].rusage.get('self_cpu', 0) / max(med['zstd'].cpu, 1e-9):.2f}x")
+    if noisy:
+        out.append(f"WARNING: other processes were busy during {', '.join(noisy)}: "
+                   "rerun on a quiet machine (or with --repeat) before trusting the ratios")
+    if n > 1 or args.warm_repeat > 1:
+        out.append("all runs (s): " + "; ".join(
+            f"{k} " + " ".join(f"{r.seconds:.1f}" for r in results[k])
+            for k in ("A", "B", "C", "cold", "warm", "warm2", "zstd")))
+    out.append("")
+    out.append(f"overall: {'PASS' if all(verdicts) else 'FAIL'} "
+               f"({sum(verdicts)}/{len(verdicts)} targets met)")
+    for lines in profiles.values():
+        out.append("")
+        out.extend(lines)
+    text = "\n".join(out)
+    print(text)
+    (workdir / "last-result.txt").write_text(text + "\n")
+    doc = {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()}
+    (workdir / "last-result.json").write_text(
+        json.dumps({"image": info, "sizes": sizes, "runs": doc}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
