@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -498,6 +499,9 @@ class Builder:
                     make_bundle(self.opts.output_root, self.recipe.name, epoch, src=out.staging,
                                 dest=out.sibling(f"{self.recipe.name}.bundle.tar"))
             with Phase.enter("publishing outputs"):
+                if os.environ.get("ROOTFS_BUILD_TEST_STOP_BEFORE_PUBLISH"):
+                    # lets a test SIGKILL the build at this exact moment
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 final = out.publish()
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
                             help="build every layer afresh in a private temporary cache")
     build_opts.add_argument("--appliance-timeout", type=float, metavar="SECONDS",
                             help="stop an appliance call that makes no progress for this long "
-                                 "(default: 1800)")
+                                 "(default: 1800; starting the appliance always gets at least "
+                                 "600)")
     recipe_opts = argparse.ArgumentParser(add_help=False)
     recipe_opts.add_argument("recipe", type=Path, help="recipe YAML file")
     recipe_opts.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -48,9 +48,10 @@ _tcg_only = False
 QCOW2_MAGIC = b"QFI\xfb"
 
 RUN_DIR = "/.rootfs-build-run"
-# The tree (sda) becomes the lower layer of an overlay on /sysroot; changes go
-# to sda's twin (sdb); scripts and their log live in a tmpfs, /tmp in another,
-# so neither ends up in the step's layer.  The shell finds the two by label:
+# The tree (first scratch disk) becomes the lower layer of an overlay on
+# /sysroot; changes go to the second scratch disk; scripts and their log live
+# in a tmpfs, /tmp in another, so neither ends up in the step's layer.  The
+# shell finds the two disks by label:
 # the kernel may name the disks in another order than the API's /dev/sdX,
 # which guestfsd translates but a shell does not.
 _LOWER_LABEL, _UPPER_LABEL = "rb-lower", "rb-upper"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import Build, run_cli
 from reliability_helpers import (
+    _stat,
     copy_cache,
     demo_image,
     entries_of_kind,
@@ -222,9 +223,9 @@ def test_signal_during_assembly(signum: int, big_area: Path, big_reference: dict
 
 
 def _before_publishing(out: Path) -> bool:
-    """Every artifact and manifest.json are complete in staging; checksums and
-    the rename into place come next."""
-    return any(out.glob(".big.staging-*/manifest.json"))
+    """Every artifact, manifest.json and SHA256SUMS are complete in staging; the
+    rename into place comes next (the build stops itself there, see env)."""
+    return any(out.glob(".big.staging-*/SHA256SUMS"))
 
 
 @pytest.mark.parametrize("moment", [pytest.param(_writing, id="assembly"),
@@ -232,8 +233,13 @@ def _before_publishing(out: Path) -> bool:
 def test_sigkill_during_assembly_leaves_no_complete_looking_output(
         moment, big_area: Path, big_reference: dict[str, str], tmp_path: Path) -> None:
     cache, out, r = big_area / "cache", tmp_path / "out", big_area / "big.yaml"
-    run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs")
+    env = ({"ROOTFS_BUILD_TEST_STOP_BEFORE_PUBLISH": "1"} if moment is _before_publishing
+           else None)
+    run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs",
+                      env=env)
     run.wait_for(lambda: moment(out), moment.__name__)
+    if env:
+        run.wait_for(lambda: (_stat(run.pid) or (0, "", "", 0))[2] == "T", "the stop")
     run.signal(signal.SIGKILL)
     assert not (out / "big").exists()
     assert not list(out.glob("big*")), list(out.iterdir())
