@@ -116,6 +116,21 @@ def demo_inputs(session_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_files(session_dir: Path) -> Path:
+    """Like demo_inputs, but the base image is a blank qcow2 (made without the
+    appliance): enough for everything that is checked before the image is read."""
+    from builder import demo
+
+    work = session_dir / "demo-files"
+    (work / "demo-inputs").mkdir(parents=True)
+    shutil.copy(REPO / "recipes" / "demo.yaml", work / "demo.yaml")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                    str(work / "demo-inputs" / demo.BASE_IMAGE), "64M"], check=True)
+    demo.prepare_inputs(work / "demo-inputs")
+    return work / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
 def demo_build(session_dir: Path, demo_inputs: Path) -> Build:
     work = session_dir / "demo-build-a"
     res = run_cli(demo_inputs, "-o", work / "out", "--cache-dir", work / "cache", "--json",
