@@ -183,9 +183,9 @@ class Builder:
         contributions = []
         for el in es.elements:
             for i, entry in enumerate(el.spec.get("mounts", [])):
-                contributions.append(entry)
                 if not isinstance(entry, dict):
                     raise UserError(f"mounts[{i}] must be a mapping", where=el.where("mounts", i))
+                contributions.append(entry)
         self.mount_table = mount_table(contributions, where="element mounts")
         host_ko, host_kernel = es.params.get("qtfs_server_ko"), es.params.get("host_kernel")
         if host_ko is not None and host_kernel is not None:
@@ -329,9 +329,10 @@ class Builder:
             self.inputs.setdefault(f"{plan.label}: {path}", {"path": path, "sha256": sha})
         return self._layer(plan.kind, plan.label, plan.key(), plan.write)
 
-    def tree(self) -> assemble.Tree:
+    def tree(self, records: list[LayerRecord] | None = None) -> assemble.Tree:
+        """The merged tree of `records` (default: every layer so far)."""
         tree = assemble.Tree()
-        for rec in self.records:
+        for rec in self.records if records is None else records:
             tree.apply(rec.layer)
         return tree
 
@@ -385,9 +386,7 @@ class Builder:
         timeout = self.opts.timeout or run_spec.get("timeout")
 
         def build(tmp: Path) -> dict[str, Any]:
-            tree = assemble.Tree()
-            for rec in records:
-                tree.apply(rec.layer)
+            tree = self.tree(records)
             tree_bytes = sum(r.layer.summary["tar_bytes"] for r in records)
             app = guestfs_io.Appliance(step, smp=self.opts.smp, timeout=timeout,
                                        network=network)
@@ -409,12 +408,14 @@ class Builder:
 
     # -- the whole build -----------------------------------------------------------
     def layers(self) -> list[LayerRecord]:
-        es = self.es or self.prepare()
+        """Every layer, from the cache or built; prepare() has run."""
+        es = self.es
+        assert es is not None
         self.base_layer()
         epoch, _ = self.epoch()
         for el in es.elements:
             with Phase.enter(f"element {el.name}"):
-                plan = self.element_plans.get(el.name) or filelayers.plan_element(el, es)
+                plan = self.element_plans[el.name]
                 for i, _item in enumerate(el.spec.get("sources", [])):
                     source_plan = self.source_plans.get(f"{el.name}:{i}")
                     if source_plan is not None:
