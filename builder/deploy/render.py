@@ -230,7 +230,8 @@ def _values_block(items: Sequence[tuple[str, str | int | Sequence[str | int]]]) 
 
 
 def render_template(name: str, items: Sequence[tuple[str, Any]], common: bool = False) -> str:
-    """A script: template ``name`` with its ``# @VALUES@`` (and ``# @COMMON@``) lines filled."""
+    """A script: template ``name`` with its ``# @VALUES@``, ``# @BASE@`` (and
+    ``# @COMMON@``) lines filled."""
     text = _template(name)
     if text.count("\n# @VALUES@\n") != 1:
         raise AssertionError(f"template {name} needs exactly one '# @VALUES@' line")
@@ -239,7 +240,9 @@ def render_template(name: str, items: Sequence[tuple[str, Any]], common: bool = 
         if text.count("\n# @COMMON@\n") != 1:
             raise AssertionError(f"template {name} needs exactly one '# @COMMON@' line")
         text = text.replace("\n# @COMMON@\n", "\n" + _template("deploy-common.sh"), 1)
-    return text
+    if text.count("\n# @BASE@\n") != 1:
+        raise AssertionError(f"template {name} needs exactly one '# @BASE@' line")
+    return text.replace("\n# @BASE@\n", "\n" + _template("deploy-base.sh"), 1)
 
 
 def table_id(table: Sequence[MountEntry]) -> str:

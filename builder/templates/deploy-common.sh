@@ -4,19 +4,9 @@
 # parsed below as KEY=VALUE lines (never sourced) and validated again.
 # ---------------------------------------------------------------------------
 # (one block: not every script uses every function or variable of it)
+# @BASE@
 # shellcheck disable=SC2034,SC2317
 {
-PROG=${0##*/}
-SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
-export LC_ALL=C
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-umask 022
-
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-say() { printf '%s: %s\n' "$PROG" "$*"; }
-# A value as it may be shown in a message: control characters replaced.
-shown() { printf "'%s'" "${1//[[:cntrl:]]/?}"; }
 one_line() {
     local s=${1//$'\n'/; }
     s=${s//[[:cntrl:]]/ }
@@ -25,8 +15,6 @@ one_line() {
 }
 
 # --- value checks (the same rules as builder/values.py) ---------------------
-PATH_RE='^/[A-Za-z0-9._+@%=:,/-]*$'
-is_path() { [[ $1 =~ $PATH_RE && "$1/" != *"/../"* ]]; }
 is_port() { [[ $1 =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535)); }
 is_level() { [[ $1 =~ ^(NONE|ERROR|WARN|INFO|DEBUG)$ ]]; }
 is_kernel() { [[ $1 =~ ^[A-Za-z0-9._+~-]+$ ]]; }
@@ -203,16 +191,6 @@ need_root() {
     [[ $DRY_RUN == 1 || $EUID -eq 0 ]] || die "must run as root (or with --dry-run)"
 }
 
-# run CMD...: run it, or print it with --dry-run.
-run() {
-    if [[ $DRY_RUN == 1 ]]; then
-        printf '%s: would run:' "$PROG"
-        printf ' %q' "$@"
-        printf '\n'
-        return 0
-    fi
-    "$@"
-}
 
 # --- the mount table as the kernel sees it ------------------------------------
 MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()

@@ -5,24 +5,9 @@ set -euo pipefail
 
 # @VALUES@
 
-PROG=${0##*/}
-SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
-export LC_ALL=C
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-umask 022
-DRY_RUN=0 KO=""
+# @BASE@
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-say() { printf '%s: %s\n' "$PROG" "$*"; }
-run() {
-    if [[ $DRY_RUN == 1 ]]; then
-        printf '%s: would run:' "$PROG"
-        printf ' %q' "$@"
-        printf '\n'
-        return 0
-    fi
-    "$@"
-}
+DRY_RUN=0 KO=""
 
 usage() {
     cat <<EOF

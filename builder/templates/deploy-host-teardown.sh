@@ -4,22 +4,9 @@ set -euo pipefail
 
 # @VALUES@
 
-PROG=${0##*/}
-export LC_ALL=C
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-DRY_RUN=0 PURGE=0
+# @BASE@
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
-say() { printf '%s: %s\n' "$PROG" "$*"; }
-run() {
-    if [[ $DRY_RUN == 1 ]]; then
-        printf '%s: would run:' "$PROG"
-        printf ' %q' "$@"
-        printf '\n'
-        return 0
-    fi
-    "$@"
-}
+DRY_RUN=0 PURGE=0
 
 usage() {
     cat <<EOF

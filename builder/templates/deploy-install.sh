@@ -5,17 +5,11 @@ set -euo pipefail
 
 # @VALUES@
 
-PROG=install.sh
-BUNDLE_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
-export LC_ALL=C
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-umask 022
+# @BASE@
 
-die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+BUNDLE_DIR=$SCRIPT_DIR
+
 refuse() { printf '%s: error: %s; nothing was installed\n' "$PROG" "$*" >&2; exit 1; }
-warn() { printf '%s: warning: %s\n' "$PROG" "$*" >&2; }
-say() { printf '%s: %s\n' "$PROG" "$*"; }
-shown() { printf "'%s'" "${1//[[:cntrl:]]/?}"; }
 
 usage() {
     cat <<EOF
@@ -54,8 +48,6 @@ the host and run its setup.sh.
 EOF
 }
 
-PATH_RE='^/[A-Za-z0-9._+@%=:,/-]*$'
-is_path() { [[ $1 =~ $PATH_RE && "$1/" != *"/../"* ]]; }
 REL_RE='^[A-Za-z0-9._+@%=:,-][A-Za-z0-9._+@%=:,/-]*$'
 is_rel() { [[ $1 =~ $REL_RE && "/$1/" != *"/../"* && "/$1/" != *"/./"* && $1 != */ && $1 != *//* ]]; }
 
