@@ -84,12 +84,6 @@ def copy_cache(src: Path, dest: Path) -> Path:
     return dest
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sums_verify(directory: Path) -> bool:

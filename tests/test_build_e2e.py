@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_RECIPE, Build, run_cli, write_recipe
 
+from builder.hashing import sha256_file as sha256
+
 pytestmark = pytest.mark.appliance
 
 FORMATS = ("tar", "tar.gz", "tar.zst")
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_inspect_finds_root_mounts_os_release_and_arch(fixture_image: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tarfile
@@ -21,16 +20,11 @@ from conftest import (
 )
 
 from builder import sampleimage
+from builder.hashing import sha256_file as sha256
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("recipe", ["demo.yaml", "libvirt-offload-x86_64.yaml",

@@ -29,4 +29,13 @@ run() {
 # Absolute paths of plain characters (the same rule as builder/values.py).
 PATH_RE='^/[A-Za-z0-9._+@%=:,/-]*$'
 is_path() { [[ $1 =~ $PATH_RE && "$1/" != *"/../"* ]]; }
+
+# ko_vermagic FILE: REPLY=the kernel release a module was built for (or empty)
+ko_vermagic() {
+    local v=""
+    if command -v modinfo >/dev/null 2>&1; then v=$(modinfo -F vermagic -- "$1" 2>/dev/null) || v=""; fi
+    if [[ -z $v ]]; then v=$(grep -a -o -m1 -- 'vermagic=[^[:cntrl:]]*' "$1" 2>/dev/null) || v=""; v=${v#vermagic=}; fi
+    v=${v%%$'\n'*}
+    REPLY=${v%% *}
+}
 }

@@ -191,7 +191,6 @@ need_root() {
     [[ $DRY_RUN == 1 || $EUID -eq 0 ]] || die "must run as root (or with --dry-run)"
 }
 
-
 # --- the mount table as the kernel sees it ------------------------------------
 MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()
 read_mountinfo() {
@@ -425,11 +424,4 @@ rootfs_daemons() {
     return 0
 }
 
-ko_vermagic() {
-    local v=""
-    if command -v modinfo >/dev/null 2>&1; then v=$(modinfo -F vermagic -- "$1" 2>/dev/null) || v=""; fi
-    if [[ -z $v ]]; then v=$(grep -a -o -m1 -- 'vermagic=[^[:cntrl:]]*' "$1" 2>/dev/null) || v=""; v=${v#vermagic=}; fi
-    v=${v%%$'\n'*}
-    REPLY=${v%% *}
-}
 }

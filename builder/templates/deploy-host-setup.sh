@@ -37,14 +37,6 @@ install_if_changed() {
     REPLY=1
 }
 
-ko_vermagic() {
-    local v=""
-    if command -v modinfo >/dev/null 2>&1; then v=$(modinfo -F vermagic -- "$1" 2>/dev/null) || v=""; fi
-    if [[ -z $v ]]; then v=$(grep -a -o -m1 -- 'vermagic=[^[:cntrl:]]*' "$1" 2>/dev/null) || v=""; v=${v#vermagic=}; fi
-    v=${v%%$'\n'*}
-    REPLY=${v%% *}
-}
-
 main() {
     local d changed=0 kr
     while (($#)); do
