@@ -28,10 +28,11 @@ from reliability_helpers import (
     leftovers,
     random_overlay,
     recipe,
-    sha256,
     start_build,
     sums_verify,
 )
+
+from builder.hashing import sha256_file as sha256
 
 pytestmark = [pytest.mark.appliance]  # uses the demo build (made with the appliance)
 

@@ -27,11 +27,12 @@ from reliability_helpers import (
     leftovers,
     random_overlay,
     recipe,
-    sha256,
     sleepy_element,
     start_build,
     sums_verify,
 )
+
+from builder.hashing import sha256_file as sha256
 
 pytestmark = [pytest.mark.appliance]
 
