@@ -108,13 +108,19 @@ def test_changing_a_file_layer_rebuilds_only_it_without_the_appliance(
     overlay = tmp_path / "overlay"
     (overlay / "etc" / "motd.d").mkdir(parents=True)
     (overlay / "etc" / "motd.d" / "hello").write_text("first\n")
+    (overlay / "etc").chmod(0o750)   # differs from the base's /etc, which must win
     text = FIXTURE_RECIPE.format(image=fixture_image).replace(
         "overlays: []", f"overlays: [{overlay}]")
     recipe = write_recipe(tmp_path / "r" / "tricky.yaml", text)
+    with tarfile.open(fixture_build.artifact("rootfs.tar")) as base:
+        base_etc = base.getmember("./etc")
+    # An epoch after the base's /etc: an overlay entry (stamped with the epoch)
+    # would then show in the mtime.  The base's newest file may be /etc itself.
+    epoch = str(base_etc.mtime + 3600)
 
     def build(out: str) -> dict:
         res = run_cli(recipe, "-o", tmp_path / out, "--cache-dir", fixture_build.cache,
-                      "--json")
+                      "--json", env={"SOURCE_DATE_EPOCH": epoch})
         assert res.returncode == 0, res.stderr
         return res.json
 
@@ -133,10 +139,8 @@ def test_changing_a_file_layer_rebuilds_only_it_without_the_appliance(
         assert tf.extractfile(member).read() == b"second\n"  # type: ignore[union-attr]
         # /etc keeps the base's entry: the overlay's directories only fill gaps
         etc = tf.getmember("./etc")
-    with tarfile.open(fixture_build.artifact("rootfs.tar")) as base:
-        base_etc = base.getmember("./etc")
     assert (etc.mode, etc.mtime) == (base_etc.mode, base_etc.mtime)
-    assert base_etc.mtime < second["epoch"]
+    assert etc.mode != 0o750 and etc.mtime < second["epoch"] == int(epoch)
 
 
 # ---------------------------------------------------------------------------
