@@ -168,15 +168,18 @@ class Cache:
     @contextlib.contextmanager
     def staging(self, prefix: str) -> Iterator[Path]:
         """A private temporary directory under tmp/, removed unless renamed away."""
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "tmp"))
-        lock = os.open(f"{tmp}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # The lock exists and is held before the directory does, so
+        # clean_orphans() never finds the directory unlocked.
+        lock, lock_path = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=self.root / "tmp")
         fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = Path(lock_path.removesuffix(".lock"))
         try:
+            tmp.mkdir(mode=0o700)
             yield tmp
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-            os.unlink(f"{tmp}.lock")
+            os.unlink(lock_path)
             os.close(lock)
 
     def clean_orphans(self) -> int:
