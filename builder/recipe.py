@@ -222,13 +222,16 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
             raise UserError(f"{path}:{n.start_mark.line + 1}: {dotted(key)}: {problem}"
                             ) from None
 
-    def convert(n: yaml.Node, key: tuple[str | int, ...]) -> Any:
+    def convert(n: yaml.Node, key: tuple[str | int, ...], line: int | None = None) -> Any:
         where = f"{path}:{n.start_mark.line + 1}"
         marks[key] = where
         if len(key) > 64:
             raise UserError(f"{where}: {what} is nested too deeply")
         if id(n) in seen:
-            raise UserError(f"{where}: YAML aliases are not allowed in a {what}",
+            # An alias is its anchor's node, marks included; `line` (of the
+            # key that holds it) is where the alias is written.
+            raise UserError(f"{path}:{line or n.start_mark.line + 1}: {dotted(key)}: "
+                            f"YAML aliases are not allowed in a {what}",
                             hint="write the value out")
         seen.add(id(n))
         if isinstance(n, yaml.MappingNode):
@@ -243,11 +246,11 @@ def load_yaml(path: Path, what: str = "recipe") -> tuple[Any, dict[tuple[str | i
                 if k in out:
                     raise UserError(f"{path}:{k_node.start_mark.line + 1}: "
                                     f"{dotted((*key, k))} is given twice")
-                out[k] = convert(v_node, (*key, k))
+                out[k] = convert(v_node, (*key, k), k_node.start_mark.line + 1)
                 marks[(*key, k)] = f"{path}:{k_node.start_mark.line + 1}"
             return out
         if isinstance(n, yaml.SequenceNode):
-            return [convert(item, (*key, i)) for i, item in enumerate(n.value)]
+            return [convert(item, (*key, i), line) for i, item in enumerate(n.value)]
         return construct(n, key)
 
     return convert(node, ()), marks

@@ -65,7 +65,7 @@ RECIPES: dict[str, tuple[str | bytes | None, list[str]]] = {
                                   ["{r}:4:", "overlays[0]"]),
     "name ../x": ("name: ../x\nbase: {image: img.qcow2}\n", ["{r}:1:", "'../x'"]),
     "name with a space": ("name: a b\nbase: {image: img.qcow2}\n", ["{r}:1:", "'a b'"]),
-    "alias bomb": (BOMB, ["{r}:1:", "aliases are not allowed"]),
+    "alias bomb": (BOMB, ["{r}:2:", "l1[0]: YAML aliases are not allowed"]),
     "non-UTF-8": (b"name: t\nbase: {image: caf\xe9.qcow2}\n", ["{r}:2:", "UTF-8"]),
     "empty file": ("", ["{r}", "'name' is a required"]),
     "a directory": (None, ["{r}", "is a directory"]),

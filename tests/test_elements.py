@@ -144,7 +144,7 @@ def test_run_scripts(tmp_path: Path) -> None:
     ("files:\n  - {src: a, dest: relative/a}\n", 2, "files[0].dest"),
     ("dirs:\n  - {path: /d, mode: [1]}\n", 2, "dirs[0].mode"),
     ("description: x\ndescription: y\n", 2, "given twice"),
-    ("params: &p {}\nrun: *p\n", 1, "aliases"),
+    ("params: &p {}\nrun: *p\n", 2, "run: YAML aliases"),
 ])
 def test_element_yaml_errors_name_file_and_line(tmp_path: Path, spec: str, line: int,
                                                 needle: str) -> None:

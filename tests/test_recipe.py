@@ -211,7 +211,7 @@ BAD = {
     "missing name": ("base:\n  image: a\n", 1, "'name' is a required"),
     "duplicate key": ("name: dpu\nbase:\n  image: a\nname: again\n", 4, "name is given twice"),
     "duplicate nested key": (MINIMAL + "  image: b\n", 4, "base.image is given twice"),
-    "alias": ("name: &n dpu\nbase:\n  image: *n\n", 1, "aliases are not allowed"),
+    "alias": ("name: &n dpu\nbase:\n  image: *n\n", 3, "base.image: YAML aliases are not allowed"),
     "merge key": ("name: dpu\nbase:\n  <<: {image: a}\n", 3, "merge keys"),
     "non-mapping list": ("- name: dpu\n", 1, "a recipe is a mapping"),
     "non-mapping scalar": ("\n\ndpu\n", 3, "a recipe is a mapping"),
