@@ -359,6 +359,16 @@ class Appliance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
 
+    def _stop(self, worker: _Worker, why: str, wait: float = 30) -> None:
+        """Kill qemu and wait (up to `wait` s) for the blocked call to return.
+        Early in a launch qemu does not exist yet: keep looking for it, so it
+        dies as soon as it appears instead of booting the whole appliance."""
+        deadline = time.monotonic() + wait
+        self.kill(why)
+        while not worker.wait(0.1) and time.monotonic() < deadline:
+            if self._pid <= 0:
+                self.kill(why)
+
     # -- calls ------------------------------------------------------------
     def touch(self) -> None:
         """Note progress (resets the timeout)."""
@@ -370,26 +380,10 @@ class Appliance:
         return self._run(lambda: fn(*args, **kwargs), name, timeout)
 
     def _start(self, name: str, fn: Callable[[], Any],
-               after: Callable[[], None] | None = None) -> tuple[threading.Thread, dict]:
-        """Start fn on a worker thread; its value or exception lands in the
-        returned dict ("value" / "error"), then `after` runs there."""
-        outcome: dict[str, Any] = {}
-        g = self.g
-
-        def work() -> None:
-            try:
-                _quiet_thread(g)
-                outcome["value"] = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                outcome["error"] = e
-            finally:
-                if after is not None:
-                    after()
-
-        worker = threading.Thread(target=work, name=f"guestfs-{name}", daemon=True)
+               after: Callable[[], None] | None = None) -> _Worker:
+        """Start fn on a worker thread; `after` runs there once it returns."""
         self.touch()
-        worker.start()
-        return worker, outcome
+        return _Worker(name, fn, self.g, after)
 
     def _error(self, name: str, err: BaseException) -> ApplianceError:
         first = str(err).splitlines()[0] if str(err) else name
@@ -403,25 +397,21 @@ class Appliance:
 
     def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
         limit = timeout or self.timeout
-        worker, result = self._start(name, fn)
+        worker = self._start(name, fn)
         try:
-            while worker.is_alive():
-                worker.join(0.2)
+            while not worker.wait(0.2):
                 if time.monotonic() - self._progress > limit:
-                    self.kill(f"timeout in {name}")
-                    worker.join(30)
+                    self._stop(worker, f"timeout in {name}")
                     raise self._timeout_error(name, limit)
         except BaseException:
-            if worker.is_alive():
-                self.kill(f"interrupted in {name}")
-                worker.join(30)
+            if not worker.done.is_set():
+                self._stop(worker, f"interrupted in {name}")
             raise
-        if "error" in result:
-            err = result["error"]
-            if isinstance(err, RuntimeError):
-                raise self._error(name, err) from None
-            raise err
-        return result["value"]
+        if worker.error is not None:
+            if isinstance(worker.error, RuntimeError):
+                raise self._error(name, worker.error) from None
+            raise worker.error
+        return worker.value
 
     def stream_out(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    consume: Callable[[BinaryIO], T]) -> T:
@@ -429,8 +419,8 @@ class Appliance:
         reads on this thread as the appliance writes it."""
         r, w = os.pipe()
         fn = getattr(self.g, name)
-        worker, outcome = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
-                                      after=lambda: os.close(w))
+        worker = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
+                             after=lambda: os.close(w))
         stop = threading.Event()
         limit = self.timeout
 
@@ -449,24 +439,25 @@ class Appliance:
                     pass
             except BaseException as consume_error:
                 # Did the appliance fail first (the stream then ends early)?
-                worker.join(0.5)
-                appliance_failed = "error" in outcome
+                worker.wait(0.5)
+                appliance_failed = worker.error is not None
                 self.kill(f"interrupted in {name}")
                 # libguestfs may be blocked writing to the full pipe, which no
                 # kill ends: close our end so that write fails now.
                 reader.close()
-                worker.join(30)
+                worker.wait(30)
                 if self._killed_for and self._killed_for.startswith("timeout"):
                     raise self._timeout_error(name, limit) from None
-                if appliance_failed and isinstance(consume_error, UserError):
-                    raise self._error(name, outcome["error"]) from None
+                if (appliance_failed and worker.error is not None
+                        and isinstance(consume_error, UserError)):
+                    raise self._error(name, worker.error) from None
                 raise
-            worker.join()
+            worker.wait()
         finally:
             stop.set()
             reader.close()
-        if "error" in outcome:
-            raise self._error(name, outcome["error"]) from None
+        if worker.error is not None:
+            raise self._error(name, worker.error) from None
         return value
 
     def stream_in(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -475,8 +466,8 @@ class Appliance:
         `produce`, which writes on this thread as the appliance reads."""
         r, w = os.pipe()
         fn = getattr(self.g, name)
-        worker, outcome = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
-                                      after=lambda: os.close(r))
+        worker = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
+                             after=lambda: os.close(r))
         writer = _ProgressWriter(os.fdopen(w, "wb", buffering=1 << 20), self.touch)
         try:
             try:
@@ -490,16 +481,16 @@ class Appliance:
                 # ends: EOF (or EPIPE once it gave up) lets it return now.
                 with contextlib.suppress(OSError, ValueError):
                     writer.close()
-                worker.join(30)
+                worker.wait(30)
                 raise
             finally:
                 with contextlib.suppress(BrokenPipeError):
                     writer.close()
-            self._run(worker.join, name, None)
+            self._run(worker.wait, name, None)
         finally:
-            worker.join(1)
-        if "error" in outcome:
-            raise self._error(name, outcome["error"]) from None
+            worker.wait(1)
+        if worker.error is not None:
+            raise self._error(name, worker.error) from None
 
     # -- inspection -----------------------------------------------------------
     def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:
@@ -643,6 +634,39 @@ class Appliance:
         self.call("debug", "sh", [_OVERLAY_DOWN])
         self.call("mount", "/dev/sdb", "/")
         return self.tar_out("/upper", consume_upper)
+
+
+class _Worker:
+    """fn on a daemon thread, its value or exception kept for the caller.
+    Completion is an Event rather than Thread.is_alive()/join(): on CPython
+    3.11 a KeyboardInterrupt that lands inside join() was seen to mark the
+    still-running launch thread as stopped, so the interrupted build skipped
+    killing qemu and libguestfs later crashed closing the handle."""
+
+    def __init__(self, name: str, fn: Callable[[], Any], g: Any,
+                 after: Callable[[], None] | None) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def work() -> None:
+            try:
+                _quiet_thread(g)
+                self.value = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                try:
+                    if after is not None:
+                        after()
+                finally:
+                    self.done.set()
+
+        threading.Thread(target=work, name=f"guestfs-{name}", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once fn has returned (and `after` has run)."""
+        return self.done.wait(timeout)
 
 
 def _qemu_child() -> int:

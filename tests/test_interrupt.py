@@ -18,6 +18,7 @@ import pytest
 from conftest import Build, run_cli
 from reliability_helpers import (
     _stat,
+    alive,
     copy_cache,
     demo_image,
     entries_of_kind,
@@ -105,6 +106,42 @@ def test_signal_during_base_extraction(signum: int, demo_build: Build, tmp_path:
     assert sums_verify(out / "cold")
     assert sha256(out / "cold" / "rootfs.tar") == reference["rootfs.tar"]
     assert leftovers(out, "cold", cache) == []
+
+
+LAUNCH_MOMENTS = {
+    # the first helper process of the launch (supermin, qemu-img): no qemu yet
+    "starting": lambda run, first_seen: bool(run.seen),
+    # an appliance qemu has been booting for a second
+    "booting": lambda run, first_seen: any(
+        time.monotonic() - first_seen.setdefault(p, time.monotonic()) >= 1.0
+        for p in run.qemus() if p.comm.startswith("qemu-system") and alive(p)),
+}
+
+
+@pytest.mark.parametrize(("moment", "signum"), [
+    pytest.param("starting", signal.SIGINT, id="starting-SIGINT"),
+    pytest.param("booting", signal.SIGINT, id="booting-SIGINT"),
+    pytest.param("booting", signal.SIGTERM, id="booting-SIGTERM"),
+])
+def test_signal_during_appliance_launch(moment: str, signum: int, demo_build: Build,
+                                        tmp_path: Path) -> None:
+    """A signal while the appliance starts kills qemu at once (or as soon as
+    it appears) instead of waiting for it to boot, and the build exits
+    cleanly: no crash in libguestfs, no qemu left."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    r = recipe(tmp_path / "cold.yaml", "cold", demo_image(demo_build))
+    run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs")
+    first_seen: dict = {}
+    run.wait_for(lambda: LAUNCH_MOMENTS[moment](run, first_seen), f"the launch ({moment})")
+    run.freeze()
+    assert not _extracting(cache), "the launch ended before the build was frozen"
+    seconds = run.signal(signum)
+    print(f"{signal.Signals(signum).name} while the appliance was {moment}: "
+          f"stopped in {seconds:.2f} s")
+    _assert_stopped(run, signum, seconds, "base image extraction", out, "cold", cache)
+    assert run.json["appliance_launches"] == 0
+    assert seconds < 5, f"took {seconds:.1f} s: the launch was waited for"
+    assert entries_of_kind(cache, "base") == []
 
 
 def test_sigkill_during_extraction_leaves_nothing_usable(demo_build: Build, tmp_path: Path,
