@@ -354,7 +354,7 @@ class Appliance:
         """Kill qemu so a blocked call returns at once."""
         self._killed_for = self._killed_for or why
         if self._pid <= 0:
-            self._pid = _qemu_child()
+            self._pid = next(iter(_qemu_children()), 0)
         if self._pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, signal.SIGKILL)
@@ -365,9 +365,13 @@ class Appliance:
         dies as soon as it appears instead of booting the whole appliance."""
         deadline = time.monotonic() + wait
         self.kill(why)
+        killed = {self._pid}
         while not worker.wait(0.1) and time.monotonic() < deadline:
-            if self._pid <= 0:
-                self.kill(why)
+            # a launch runs qemu-img and qemu probes before the appliance
+            for pid in _qemu_children() - killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
 
     # -- calls ------------------------------------------------------------
     def touch(self) -> None:
@@ -669,10 +673,11 @@ class _Worker:
         return self.done.wait(timeout)
 
 
-def _qemu_child() -> int:
-    """The qemu process libguestfs started (our child), found without the
-    handle, which a running call keeps locked."""
+def _qemu_children() -> set[int]:
+    """The live qemu processes libguestfs started (our children), found
+    without the handle, which a running call keeps locked."""
     me = os.getpid()
+    found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -680,12 +685,12 @@ def _qemu_child() -> int:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)
             comm = fields[0].split("(", 1)[1]
-            ppid = int(fields[1].split()[1])
+            state, ppid = fields[1].split()[:2]
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == me and comm.startswith("qemu"):
-            return int(entry)
-    return 0
+        if int(ppid) == me and comm.startswith("qemu") and state not in ("Z", "X"):
+            found.add(int(entry))
+    return found
 
 
 class _ProgressWriter:
