@@ -166,35 +166,23 @@ def selinux_label(name: bytes) -> bytes:
     return b"system_u:object_r:" + kind + b":s0\0"
 
 
-class StreamTar:
-    """sampleimage._TarBuilder, writing to a file as it goes."""
+class StreamTar(sampleimage.TarStream):
+    """The sample image's tar writer, with openEuler-like SELinux labels and
+    counts of what went in."""
 
     def __init__(self, f: BinaryIO, *, selinux: bool):
-        self.f = f
+        super().__init__(f)
         self.selinux = selinux
-        self.names: set[bytes] = set()
         self.files = 0
         self.data_bytes = 0
 
-    def _parents(self, name: bytes) -> None:
-        parts = name.split(b"/")[:-1]
-        for i in range(1, len(parts) + 1):
-            d = b"/".join(parts[:i])
-            if d not in self.names:
-                self.add(Member(d, DIR, 0o755, mtime=MTIME))
-
     def add(self, m: Member, data: BinaryIO | None = None) -> None:
-        self._parents(m.name)
-        self.names.add(m.name)
         if self.selinux:
             m.xattrs.setdefault(b"security.selinux", selinux_label(m.name))
         if m.type == REG:
             self.files += 1
             self.data_bytes += m.size
-        tarfmt.write_member(self.f, m, data)
-
-    def close(self) -> None:
-        self.f.write(tarfmt.END_OF_ARCHIVE)
+        super().add(m, data)
 
 
 def write_root_tar(path: Path, picks: list[Pick], *, selinux: bool) -> StreamTar:

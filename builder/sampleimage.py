@@ -17,6 +17,7 @@ import io
 import os
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 from . import guestfs_io, tarfmt
 from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
@@ -37,9 +38,12 @@ SPARSE_SIZE = 48 << 20
 SPARSE_DATA = [(4 << 20, b"middle"), (SPARSE_SIZE - 5, b"tail\n")]
 
 
-class _TarBuilder:
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
+class TarStream:
+    """A tar written member by member to `f`, each missing parent directory
+    added before its first child."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
         self.names: set[bytes] = set()
 
     def _parents(self, name: bytes) -> None:
@@ -49,19 +53,33 @@ class _TarBuilder:
             if d not in self.names:
                 self.add(Member(d, DIR, 0o755, mtime=MTIME))
 
-    def add(self, m: Member, data: bytes = b"") -> None:
+    def add(self, m: Member, data: BinaryIO | None = None) -> None:
         self._parents(m.name)
         self.names.add(m.name)
-        if m.type == REG and m.sparse is None:
+        tarfmt.write_member(self.f, m, data)
+
+    def close(self) -> None:
+        self.f.write(tarfmt.END_OF_ARCHIVE)
+
+
+class _TarBuilder(TarStream):
+    """A small TarStream in memory."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO())
+
+    def data(self, m: Member, data: bytes) -> None:
+        if m.sparse is None:
             m.size = len(data)
-        tarfmt.write_member(self.buf, m, io.BytesIO(data))
+        self.add(m, io.BytesIO(data))
 
     def file(self, name: str | bytes, data: bytes, mode: int = 0o644, **kw: object) -> None:
         n = name if isinstance(name, bytes) else name.encode()
-        self.add(Member(n, REG, mode, mtime=MTIME, **kw), data)  # type: ignore[arg-type]
+        self.data(Member(n, REG, mode, mtime=MTIME, **kw), data)  # type: ignore[arg-type]
 
     def getvalue(self) -> bytes:
-        return self.buf.getvalue() + tarfmt.END_OF_ARCHIVE
+        self.close()
+        return self.f.getvalue()  # type: ignore[attr-defined]
 
 
 def _host_libs(binary: str) -> list[str]:
@@ -189,8 +207,8 @@ def _fidelity_cases(t: _TarBuilder) -> None:
     t.file(b"srv/latin1-\xe9\xff", b"not utf-8 name\n")
     t.file("srv/space and 'quote' \"dq\"", b"odd chars\n")
     segments = [(off, len(data)) for off, data in SPARSE_DATA]
-    t.add(Member(b"srv/sparse", REG, 0o644, size=SPARSE_SIZE, mtime=MTIME, sparse=segments),
-          b"".join(data for _, data in SPARSE_DATA))
+    t.data(Member(b"srv/sparse", REG, 0o644, size=SPARSE_SIZE, mtime=MTIME, sparse=segments),
+           b"".join(data for _, data in SPARSE_DATA))
     t.file("srv/empty-file", b"", 0o444)
 
 
