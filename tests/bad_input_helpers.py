@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from conftest import CliResult, one_error_line
+from unit_helpers import make_element
 
 from builder import sampleimage
 
@@ -88,18 +89,7 @@ def demo_image(demo_yaml: Path) -> Path:
 def write_element(root: Path, name: str, spec: str | None = None,
                   files: dict[str, str | bytes] | None = None) -> Path:
     """elements/<name>/ under `root` with element.yaml `spec` and `files`."""
-    d = root / "elements" / name
-    d.mkdir(parents=True, exist_ok=True)
-    if spec is not None:
-        (d / "element.yaml").write_text(spec)
-    for rel, content in (files or {}).items():
-        p = d / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
-    return d
+    return make_element(root / "elements", name, spec=spec, files=files)
 
 
 def run_in_mount_namespace(setup: str, args: list[str | Path], after: str = "",

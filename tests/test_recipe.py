@@ -22,13 +22,7 @@ base:
 
 
 def write(directory: Path, text: str | bytes, name: str = "recipe.yaml") -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
+    return h.write_file(directory / name, text)
 
 
 def error_of(path: Path, overrides: list[str] | None = None) -> str:

@@ -556,13 +556,18 @@ def make_element(elements_dir: Path, name: str, *, deps: Iterable[str] = (),
     if spec is not None:
         (d / "element.yaml").write_text(spec)
     for rel, content in (files or {}).items():
-        p = d / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            p.write_bytes(content)
-        else:
-            p.write_text(content)
+        write_file(d / rel, content)
     return d
+
+
+def write_file(path: Path, content: str | bytes) -> Path:
+    """`content` at `path`, parent directories made as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
 
 
 def make_recipe(directory: Path, elements: Iterable[str], params: str = "",
