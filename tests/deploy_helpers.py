@@ -14,10 +14,13 @@ Safety rules the tests follow:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import posixpath
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Sequence
@@ -258,3 +261,52 @@ def write_sums(out: Path) -> None:
                                     check=True).stdout.split()[0]
             lines.append(f"{digest}  {rel}\n")
     (out / "SHA256SUMS").write_text("".join(lines))
+
+
+def check_tree_is_tar(target: Path, tar: Path) -> int:
+    """target holds exactly the tar's members: types, owners, modes, mtimes,
+    xattrs, devices, hard links, symlinks, content (sha256).  Returns the count."""
+    expected: set[str] = set()
+    with tarfile.open(tar) as t:
+        for m in t:
+            rel = posixpath.normpath(m.name)
+            path = target if rel == "." else target / rel
+            expected.add(rel)
+            st = os.lstat(path)
+            if m.isdir():
+                assert stat.S_ISDIR(st.st_mode), rel
+            elif m.issym():
+                assert stat.S_ISLNK(st.st_mode) and os.readlink(path) == m.linkname, rel
+            elif m.islnk():
+                other = target / posixpath.normpath(m.linkname)
+                assert stat.S_ISREG(st.st_mode) and st.st_ino == os.lstat(other).st_ino, rel
+            elif m.isreg():
+                f = t.extractfile(m)
+                assert f is not None
+                with f, path.open("rb") as g:
+                    assert (hashlib.file_digest(g, "sha256").digest()
+                            == hashlib.file_digest(f, "sha256").digest()), rel
+                assert stat.S_ISREG(st.st_mode) and st.st_size == m.size, rel
+            elif m.ischr() or m.isblk():
+                assert (stat.S_ISCHR if m.ischr() else stat.S_ISBLK)(st.st_mode), rel
+                assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (m.devmajor, m.devminor)
+            elif m.isfifo():
+                assert stat.S_ISFIFO(st.st_mode), rel
+            else:
+                raise AssertionError(f"unexpected member type {m.type!r}: {rel}")
+            assert (st.st_uid, st.st_gid) == (m.uid, m.gid), rel
+            if not m.issym():
+                assert stat.S_IMODE(st.st_mode) == m.mode, (rel, oct(st.st_mode), oct(m.mode))
+                assert int(st.st_mtime) == int(m.mtime), rel
+            want_x = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+                      for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+            got_x = {k: os.getxattr(path, k, follow_symlinks=False)
+                     for k in os.listxattr(path, follow_symlinks=False)
+                     if not k.startswith("system.posix_acl_")}
+            assert got_x == want_x, rel
+    found = {"."}
+    for top, dirs, files in os.walk(target):
+        for n in dirs + files:
+            found.add(os.path.relpath(os.path.join(top, n), target))
+    assert found == expected
+    return len(expected)

@@ -5,7 +5,6 @@ mounted targets."""
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import stat
 import subprocess
@@ -13,7 +12,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from deploy_helpers import have_unshare, make_rootfs_tar, remove_tree, run_ns, write_sums
+from deploy_helpers import (
+    check_tree_is_tar,
+    have_unshare,
+    make_rootfs_tar,
+    remove_tree,
+    run_ns,
+    write_sums,
+)
 
 from builder.deploy import DeployConfig, make_bundle, mount_table, render_deploy
 from builder.errors import UserError
@@ -22,11 +28,11 @@ EPOCH = 1_700_000_000
 
 
 def build_output(tmp: Path, artifact: str = "rootfs.tar",
-                 extra: list[tarfile.TarInfo] | None = None) -> tuple[Path, list[tarfile.TarInfo]]:
+                 extra: list[tarfile.TarInfo] | None = None) -> Path:
     """<tmp>/out/demo/ as the pipeline leaves it: artifact, dpu/, host/, manifest, sums."""
     out = tmp / "out" / "demo"
     out.mkdir(parents=True)
-    members = make_rootfs_tar(out / "rootfs.tar", extra or [])
+    make_rootfs_tar(out / "rootfs.tar", extra or [])
     if artifact != "rootfs.tar":
         tool = {"rootfs.tar.zst": ["zstd", "-q", "--rm"], "rootfs.tar.gz": ["gzip"]}[artifact]
         subprocess.run([*tool, str(out / "rootfs.tar")], check=True)
@@ -34,7 +40,7 @@ def build_output(tmp: Path, artifact: str = "rootfs.tar",
     render_deploy(out, cfg, mount_table([], "mounts"))
     (out / "manifest.json").write_text('{"name": "demo"}\n')
     write_sums(out)
-    return out, members
+    return out
 
 
 def unpack_bundle(bundle: Path, dest: Path) -> Path:
@@ -48,52 +54,6 @@ def install(bundle_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env={"PATH": "/usr/bin:/bin"})
 
 
-def check_tree(target: Path, members: list[tarfile.TarInfo]) -> None:
-    """target holds exactly the tar's members with their owners, modes, mtimes,
-    xattrs, device numbers, links and content."""
-    expected: set[str] = set()
-    data = {}
-    with tarfile.open(target.parent / "source.tar") as t:
-        for m in t.getmembers():
-            if m.isreg():
-                f = t.extractfile(m)
-                assert f is not None
-                with f:
-                    data[m.name] = f.read()
-    for ti in members:
-        rel = posixpath.normpath(ti.name)
-        path = target if rel == "." else target / rel
-        expected.add(rel)
-        st = os.lstat(path)
-        if ti.isdir():
-            assert stat.S_ISDIR(st.st_mode), rel
-        elif ti.issym():
-            assert stat.S_ISLNK(st.st_mode) and os.readlink(path) == ti.linkname, rel
-        elif ti.islnk():
-            assert st.st_ino == os.lstat(target / posixpath.normpath(ti.linkname)).st_ino, rel
-        elif ti.isreg():
-            assert stat.S_ISREG(st.st_mode) and path.read_bytes() == data[ti.name], rel
-        elif ti.ischr():
-            assert stat.S_ISCHR(st.st_mode), rel
-            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (ti.devmajor, ti.devminor)
-        elif ti.isfifo():
-            assert stat.S_ISFIFO(st.st_mode), rel
-        if not ti.issym():
-            assert stat.S_IMODE(st.st_mode) == ti.mode, (rel, oct(st.st_mode))
-            assert int(st.st_mtime) == ti.mtime, rel
-        assert (st.st_uid, st.st_gid) == (ti.uid, ti.gid), rel
-        want = {k[len("SCHILY.xattr."):]: v.encode() for k, v in ti.pax_headers.items()
-                if k.startswith("SCHILY.xattr.")}
-        got = {k: os.getxattr(path, k, follow_symlinks=False)
-               for k in os.listxattr(path, follow_symlinks=False) if k.startswith("user.")}
-        assert got == want, rel
-    found = {"."}
-    for top, dirs, files in os.walk(target):
-        for n in dirs + files:
-            found.add(os.path.relpath(os.path.join(top, n), target))
-    assert found == expected
-
-
 def listing(path: Path) -> list[str]:
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) if path.exists() \
         else []
@@ -103,7 +63,7 @@ def listing(path: Path) -> list[str]:
 
 
 def test_bundle_layout_and_reproducible_bytes(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     bundle = make_bundle(out.parent, "demo", EPOCH)
     assert bundle == out.parent / "demo.bundle.tar"
     first = bundle.read_bytes()
@@ -131,7 +91,7 @@ def test_bundle_layout_and_reproducible_bytes(tmp_path: Path) -> None:
 
 
 def test_make_bundle_checks_the_output(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     (out / "stray.txt").write_text("x")
     with pytest.raises(UserError, match="stray.txt is not listed in SHA256SUMS"):
         make_bundle(out.parent, "demo", EPOCH)
@@ -159,7 +119,7 @@ def test_make_bundle_checks_the_output(tmp_path: Path) -> None:
 def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
     if artifact.endswith(".zst") and shutil.which("zstd") is None:
         pytest.skip("needs zstd")
-    out, members = build_output(tmp_path, artifact)
+    out = build_output(tmp_path, artifact)
     site = tmp_path / "site"
     site.mkdir()
     if artifact == "rootfs.tar":
@@ -176,7 +136,7 @@ def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
         assert listing(site) == ["source.tar"]
         r = install(bdir, "--target", str(target))
         assert r.returncode == 0, r.stdout + r.stderr
-        check_tree(target, members)
+        check_tree_is_tar(target, site / "source.tar")
         deploy = site / "rootfs.deploy"
         assert os.access(deploy / "prepare.sh", os.X_OK)
         assert f"ROOTFS={target}\n" in (deploy / "offload.conf").read_text()
@@ -190,7 +150,7 @@ def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
         conf.write_text(conf.read_text() + "# edited by the operator\n")
         r = install(bdir, "--target", str(target), "--force")
         assert r.returncode == 0, r.stderr
-        check_tree(target, members)
+        check_tree_is_tar(target, site / "source.tar")
         assert "edited by the operator" in (deploy / "offload.conf").read_text()
         assert (deploy / "offload.conf.new").exists()
         assert sorted(p.name for p in site.iterdir()) == ["rootfs", "rootfs.deploy", "source.tar"]
@@ -200,7 +160,7 @@ def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
 
 @pytest.mark.root
 def test_install_refuses_a_changed_byte(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
     data = bytearray((bdir / "rootfs.tar").read_bytes())
     data[1536] ^= 0x01
@@ -215,7 +175,7 @@ def test_install_refuses_a_changed_byte(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_install_refuses_unlisted_files(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
     (bdir / "dpu/evil.sh").write_text("#!/bin/sh\n")
     site = tmp_path / "site"
@@ -243,7 +203,7 @@ def _escaping(kind: str) -> tarfile.TarInfo:
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "nested-dotdot", "hardlink",
                                   "hardlink-absolute"])
 def test_install_refuses_escaping_members(tmp_path: Path, kind: str) -> None:
-    out, _ = build_output(tmp_path, extra=[_escaping(kind)])
+    out = build_output(tmp_path, extra=[_escaping(kind)])
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
     site = tmp_path / "deep" / "site"
     site.mkdir(parents=True)
@@ -258,7 +218,7 @@ def test_install_refuses_escaping_members(tmp_path: Path, kind: str) -> None:
 @pytest.mark.root
 @pytest.mark.skipif(not have_unshare(), reason="needs root and unshare -m")
 def test_install_refuses_a_mounted_target(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
     site = tmp_path / "site"
     (site / "rootfs/dev").mkdir(parents=True)
@@ -283,7 +243,7 @@ mount -t tmpfs tmpfs {site}/other
 def test_install_prefers_the_plain_tar(tmp_path: Path) -> None:
     if shutil.which("zstd") is None:
         pytest.skip("needs zstd")
-    out, members = build_output(tmp_path)
+    out = build_output(tmp_path)
     subprocess.run(["zstd", "-q", "-k", str(out / "rootfs.tar")], check=True)
     write_sums(out)
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
@@ -294,14 +254,14 @@ def test_install_prefers_the_plain_tar(tmp_path: Path) -> None:
         r = install(bdir, "--target", str(site / "rootfs"), "--scripts", str(site / "scripts"))
         assert r.returncode == 0, r.stderr
         assert "installed rootfs.tar into" in r.stdout
-        check_tree(site / "rootfs", members)
+        check_tree_is_tar(site / "rootfs", site / "source.tar")
         assert (site / "scripts/teardown.sh").exists()
     finally:
         remove_tree(site)
 
 
 def test_installer_help_documents_the_scripts_location(tmp_path: Path) -> None:
-    out, _ = build_output(tmp_path)
+    out = build_output(tmp_path)
     bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
     r = install(bdir, "--help")
     assert r.returncode == 0 and "DIR.deploy" in r.stdout and "--scripts DIR" in r.stdout
@@ -326,7 +286,7 @@ FAKE_IMAGES = {
 def image_output(tmp: Path, images: list[str], tar: bool = False) -> Path:
     """<tmp>/out/demo/ with the given (stand-in) images and optionally rootfs.tar."""
     if tar:
-        out, _ = build_output(tmp)
+        out = build_output(tmp)
     else:
         out = tmp / "out" / "demo"
         out.mkdir(parents=True)
