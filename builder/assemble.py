@@ -17,12 +17,11 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from . import tarfmt
+from . import confined, tarfmt
 from .errors import UserError
+from .fileio import ShortRead, copy_exactly
 from .layer import IndexEntry, Layer
 from .tarfmt import DIR, LNK, REG, SYM, Member
-
-MAX_SYMLINK_HOPS = 40
 
 
 class Sink(Protocol):
@@ -63,31 +62,16 @@ class Tree:
     def resolve(self, name: bytes, *, follow_last: bool = False) -> bytes:
         """`name` with symlinks in its parents (and last part if asked) resolved,
         confined to the rootfs the way a chroot would."""
-        todo = [p for p in reversed(name.split(b"/")) if p]
-        done: list[bytes] = []
-        hops = 0
-        while todo:
-            part = todo.pop()
-            if part == b".":
-                continue
-            if part == b"..":
-                if done:
-                    done.pop()
-                continue
-            candidate = b"/".join([*done, part])
+        def readlink(candidate: bytes) -> bytes | None:
             node = self.nodes.get(candidate)
-            if node is not None and node.type == SYM and (todo or follow_last):
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise UserError(f"{_show(name)}: too many levels of symbolic links "
-                                    "in the rootfs", hint="a symlink on that path loops; "
-                                    "change the destination or fix the link")
-                if node.linkname.startswith(b"/"):
-                    done = []
-                todo.extend(p for p in reversed(node.linkname.split(b"/")) if p)
-                continue
-            done.append(part)
-        return b"/".join(done)
+            return node.linkname if node is not None and node.type == SYM else None
+
+        try:
+            return confined.resolve(name, readlink, follow_last=follow_last)
+        except confined.SymlinkLoop:
+            raise UserError(f"{_show(name)}: too many levels of symbolic links in the rootfs",
+                            hint="a symlink on that path loops; change the destination or "
+                                 "fix the link") from None
 
     # -- mutation ---------------------------------------------------------
     def _remove_subtree(self, name: bytes) -> None:
@@ -197,14 +181,19 @@ def _node(final: bytes, index: int, layer: Layer, e: IndexEntry) -> Node:
 
 def _copy_range(layer: Layer, offset: int, length: int, write: Callable[[bytes], None]) -> None:
     fd = layer.file().fileno()
-    while length:
-        chunk = os.pread(fd, min(length, 1 << 20), offset)
-        if not chunk:
-            raise UserError(f"{layer.tar_path}: cache entry is shorter than its index",
-                            hint="run again with --no-cache or prune the cache")
-        write(chunk)
-        offset += len(chunk)
-        length -= len(chunk)
+    pos = offset
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = os.pread(fd, n, pos)
+        pos += len(chunk)
+        return chunk
+
+    try:
+        copy_exactly(read, write, length)
+    except ShortRead:
+        raise UserError(f"{layer.tar_path}: cache entry is shorter than its index",
+                        hint="run again with --no-cache or prune the cache") from None
 
 
 def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:

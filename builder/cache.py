@@ -32,6 +32,7 @@ from typing import Any
 
 from . import ui
 from .errors import UserError
+from .fileio import write_atomic
 from .hashing import sha256_file
 
 ENTRY_META = "entry.json"
@@ -261,10 +262,8 @@ class Cache:
                 digest = sha256_file(path, progress=bar.update)
         else:
             digest = sha256_file(path)
-        tmp = memo.with_name(f".{stat_key}.{os.getpid()}")
         with contextlib.suppress(OSError):
-            tmp.write_text(digest + "\n")
-            os.replace(tmp, memo)
+            write_atomic(memo, digest + "\n")
         return digest
 
 

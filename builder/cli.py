@@ -12,17 +12,17 @@ from typing import Any
 
 from . import __version__, ui
 from .errors import BuildInterrupted, UserError
+from .session import Session
 
 COMMANDS = ("build", "validate", "inspect", "cache", "demo")
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
+    from .values import parse_size
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 10G)") from None
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,8 +74,8 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-size", type=_size, metavar="SIZE",
                        help="keep at most SIZE (like 20G); without it, remove all")
     sub.add_parser("demo", parents=[common, build_opts, cache_opts],
-                   help="make the demo inputs (base image, stand-in binaries) and build "
-                        "recipes/demo.yaml")
+                   help="lay out the demo (recipe, overlay, stand-in inputs) under the "
+                        "cache directory, made once, and build it")
     return p
 
 
@@ -86,7 +86,7 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
         print(text)
 
 
-def cmd_build(args: argparse.Namespace, recipe_path: Path | None = None,
+def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | None = None,
               overrides: list[str] | None = None) -> int:
     from .build import BuildOptions, build
     from .cache import Cache
@@ -97,7 +97,7 @@ def cmd_build(args: argparse.Namespace, recipe_path: Path | None = None,
     cache = Cache(args.cache_dir, enabled=not args.no_cache)
     try:
         result = build(recipe, BuildOptions(output_root=args.output, cache=cache,
-                                            timeout=args.appliance_timeout))
+                                            session=session, timeout=args.appliance_timeout))
     finally:
         cache.close()
     lines = [f"built {result.name} in {result.seconds:.1f} s -> {result.directory}"]
@@ -107,19 +107,19 @@ def cmd_build(args: argparse.Namespace, recipe_path: Path | None = None,
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: argparse.Namespace, session: Session) -> int:
     from . import elements
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     es = elements.load(recipe)
-    missing_params = elements.required_missing(es, recipe)
+    missing_params = elements.required_missing(es)
     missing = list(es.missing_inputs)
-    if not recipe.base_image.is_file():
-        missing.insert(0, f"base.image: {recipe.base_image}")
+    if not recipe.spec.base.image.is_file():
+        missing.insert(0, f"base.image: {recipe.spec.base.image}")
     summary = {"recipe": str(recipe.path), "name": recipe.name, "valid": True,
                "elements": es.names(), "missing_inputs": missing,
-               "missing_params": missing_params, "formats": list(recipe.formats)}
+               "missing_params": missing_params, "formats": list(recipe.spec.output.formats)}
     lines = [f"{recipe.path}: valid", f"  elements: {' '.join(es.names())}"]
     if missing_params:
         lines.append("  required params not set: " + ", ".join(missing_params))
@@ -129,14 +129,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace, session: Session) -> int:
     from . import guestfs_io
 
     image = args.image
     if not image.is_file():
         raise UserError(f"{image}: not found or not a file")
     fmt = guestfs_io.image_format(image)
-    app = guestfs_io.Appliance(f"inspect {image.name}", timeout=args.appliance_timeout)
+    app = guestfs_io.Appliance(f"inspect {image.name}", session=session,
+                               timeout=args.appliance_timeout)
     app.add_drive(image, fmt=fmt, readonly=True)
     with app:
         partitions = app.call("list_partitions")
@@ -153,7 +154,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def cmd_cache(args: argparse.Namespace, session: Session) -> int:
     from .cache import Cache
 
     cache = Cache(args.cache_dir)
@@ -177,21 +178,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+def cmd_demo(args: argparse.Namespace, session: Session) -> int:
+    from . import cache, demo
 
-    recipe = demo.prepare_inputs()
-    return cmd_build(args, recipe_path=recipe, overrides=[])
-
-
-def _on_sigterm(signum: int, _frame: Any) -> None:
-    raise BuildInterrupted(signum, _phase())
-
-
-def _phase() -> str:
-    from .build import Phase
-
-    return Phase.current
+    workdir = (args.cache_dir or cache.default_dir()) / "demo"
+    recipe = demo.prepare(workdir)
+    return cmd_build(args, session, recipe_path=recipe, overrides=[])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,35 +195,39 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help()
         return 2
     ui.set_verbose(getattr(args, "verbose", False))
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    session = Session()
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        raise BuildInterrupted(signum, session.phase)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     handlers = {"build": cmd_build, "validate": cmd_validate, "inspect": cmd_inspect,
                 "cache": cmd_cache, "demo": cmd_demo}
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args, session)
     except UserError as e:
         if ui.verbose():
             traceback.print_exc()
-        return _fail(args, f"error: {e}", e.exit_code)
+        return _fail(args, session, f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
-        return _fail(args, f"interrupted during {_phase()}; nothing was published", 130)
+        return _fail(args, session, f"interrupted during {session.phase}; nothing was "
+                     "published", 130)
     except BuildInterrupted as e:
-        return _fail(args, f"stopped by signal {e.signum} during {e.phase}; nothing was "
-                     "published", 128 + e.signum)
+        return _fail(args, session, f"stopped by signal {e.signum} during {e.phase}; nothing "
+                     "was published", 128 + e.signum)
     except OSError as e:
         if ui.verbose():
             traceback.print_exc()
         where = f"{e.filename}: " if e.filename else ""
-        return _fail(args, f"error: {where}{e.strerror or e}", 1)
+        return _fail(args, session, f"error: {where}{e.strerror or e}", 1)
 
 
-def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+def _fail(args: argparse.Namespace, session: Session, message: str, code: int) -> int:
     """One line on stderr; with --json also {"error", "phase", "appliance_launches"}."""
     print(f"rootfs-build: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        launches = sys.modules["builder.guestfs_io"].launches \
-            if "builder.guestfs_io" in sys.modules else 0
-        print(json.dumps({"error": message, "phase": _phase(), "exit_code": code,
-                          "appliance_launches": launches}, sort_keys=True))
+        print(json.dumps({"error": message, "phase": session.phase, "exit_code": code,
+                          "appliance_launches": session.launches}, sort_keys=True))
     return code
 
 

@@ -11,23 +11,26 @@ DEMO ONLY.  Nothing made here is a working DPU component:
   (sampleimage.fake_module);
 - a tiny "prebuilt libvirt" install tree of shell-script daemons.
 
-Inputs land in recipes/demo-inputs/ (not committed) and are made once.
+`prepare(workdir)` lays the demo out in a directory of its own, the way the
+repository has it: `recipes/demo.yaml`, the overlay it names
+(`overlays/demo/`), and the inputs in `recipes/demo-inputs/`, made once and
+kept (the CLI uses a directory under the cache, never the install tree or
+the checkout).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from . import sampleimage, ui
-from .errors import UserError
+from . import runner, sampleimage, ui
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "demo.yaml"
-INPUTS = REPO / "recipes" / "demo-inputs"
+SHIPPED = Path(__file__).resolve().parent.parent   # recipes/ and overlays/ live here
+RECIPE = "recipes/demo.yaml"
+OVERLAY = "overlays/demo"
+INPUTS = "recipes/demo-inputs"
 BASE_IMAGE = "openEuler-22.03-LTS-demo-x86_64.qcow2"
 DPU_KERNEL = "5.10.0-60.18.0.50.oe2203.x86_64"
 HOST_KERNEL = "5.10.0-60.18.0.50.oe2203.x86_64"
@@ -71,13 +74,8 @@ echo "{name}: demo stand-in"
 
 
 def _gcc(args: list[str], what: str) -> None:
-    if shutil.which("gcc") is None:
-        raise UserError(f"gcc is needed to make the demo's {what}",
-                        hint="apt-get install gcc libc6-dev (./setup.sh does)")
-    proc = subprocess.run(["gcc", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise UserError(f"building the demo's {what} failed: "
-                        f"{(proc.stderr.strip().splitlines() or ['gcc failed'])[-1]}")
+    gcc = runner.find_tool("gcc", needed_for=f"the demo's {what}")
+    runner.run([gcc, *args], env=None, what=f"building the demo's {what}")
 
 
 def _program(src: str, out: Path, work: Path) -> None:
@@ -99,8 +97,27 @@ def _libvirt_tree(root: Path) -> None:
     doc.write_text("DEMO: a stand-in for a prebuilt libvirt 6.9.0 install tree.\n")
 
 
-def prepare_inputs(inputs: Path = INPUTS) -> Path:
-    """Make the demo inputs if missing; returns the demo recipe's path."""
+def prepare(workdir: Path) -> Path:
+    """The demo laid out in `workdir` (recipe, overlay, inputs); returns the
+    recipe's path.  The recipe and overlay are refreshed from the shipped
+    copies on every call, the inputs made only when missing."""
+    for rel in (RECIPE, OVERLAY):
+        src, dest = SHIPPED / rel, workdir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = dest.with_name(f".{dest.name}.new")
+        if src.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(src, staged)
+            shutil.rmtree(dest, ignore_errors=True)
+        else:
+            shutil.copyfile(src, staged)
+        os.replace(staged, dest)
+    prepare_inputs(workdir / INPUTS)
+    return workdir / RECIPE
+
+
+def prepare_inputs(inputs: Path) -> None:
+    """Make the demo inputs in `inputs` where missing."""
     inputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".make-", dir=inputs) as tmp:
         work = Path(tmp)
@@ -124,4 +141,3 @@ def prepare_inputs(inputs: Path = INPUTS) -> Path:
             staged = work / f"staged-{name}"
             make(staged)
             os.replace(staged, final)  # inputs appear whole or not at all
-    return RECIPE

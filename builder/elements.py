@@ -3,10 +3,9 @@
 diskimage-builder's own resolver expands `element-deps` and
 `element-provides`; we add a stable order (dependencies first), cycle and
 missing-element reports that say who asked for what, and the declarative
-`element.yaml`: typed params with defaults, files, dirs, symlinks,
-templates, deletions and deployment mount entries.  Scripts in
-`pre-install.d/`, `install.d/` and `post-install.d/` run inside the rootfs
-in the appliance; phases that would run on the build host are refused.
+`element.yaml` (builder.element_spec): typed params with defaults and
+everything the element contributes.  Params are checked once, here, by
+their declared type; everything downstream reads the typed values.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from . import values
+from .element_spec import PARAM_TYPES, ElementSpec, ParamDecl, holds
 from .errors import UserError
-from .recipe import Recipe, dotted, load_yaml, locate, schema_hint
+from .recipe import Recipe
+from .spec import Context, load_yaml
+from .spec import load as load_table
 
 PROJECT_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
 IMPLICIT_ELEMENT = "rootfs-base"  # provides diskimage-builder's "operating-system"
@@ -30,109 +29,37 @@ RUN_PHASES = ("pre-install.d", "install.d", "post-install.d")
 HOST_PHASES = ("root.d", "extra-data.d", "block-device.d", "cleanup.d", "finalise.d",
                "pre-finalise.d", "environment.d")
 
-PARAM_TYPES = ("str", "int", "bool", "enum", "ip", "port", "path", "kernel", "log_level",
-               "name", "file", "files", "dir", "list")
-INPUT_TYPES = ("file", "files", "dir")
-
-_MODE = {"type": ["string", "integer"]}
-_ABS = {"type": "string", "pattern": "^/"}
-_CONDITION = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["param"],
-    "properties": {"param": {"type": "string"}, "is": {}, "in": {"type": "array"},
-                   "set": {"type": "boolean"}},
-}
-_WHEN = {"oneOf": [_CONDITION, {"type": "array", "items": _CONDITION}]}
-_OWNER = {"uid": {"type": "integer", "minimum": 0}, "gid": {"type": "integer", "minimum": 0}}
-
-ELEMENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "description": {"type": "string"},
-        "params": {
-            "type": "object",
-            "propertyNames": {"pattern": r"^[a-z][a-z0-9_]*$"},
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["type"],
-                "properties": {
-                    "type": {"enum": list(PARAM_TYPES)},
-                    "default": {},
-                    "required": {"type": "boolean"},
-                    "values": {"type": "array"},
-                    "items": {"enum": list(PARAM_TYPES)},
-                    "description": {"type": "string"},
-                },
-            },
-        },
-        "files": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["src", "dest"],
-            "properties": {"src": {"type": "string"}, "dest": _ABS, "mode": _MODE,
-                           "elf_arch": {"type": "boolean"}, "when": _WHEN, **_OWNER}}},
-        "dirs": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["path"],
-            "properties": {"path": _ABS, "mode": _MODE, "when": _WHEN, **_OWNER}}},
-        "symlinks": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["path", "target"],
-            "properties": {"path": _ABS, "target": {"type": "string", "minLength": 1},
-                           "when": _WHEN, **_OWNER}}},
-        "templates": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["src", "dest"],
-            "properties": {"src": {"type": "string"}, "dest": _ABS, "mode": _MODE,
-                           "when": _WHEN, **_OWNER}}},
-        "trees": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["src", "dest"],
-            "properties": {"src": {"type": "string"}, "dest": _ABS, "when": _WHEN,
-                           **_OWNER}}},
-        "deletions": {"type": "array", "items": _ABS},
-        "sources": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["archive", "dest"],
-            "properties": {"archive": {"type": "string", "pattern": "^@"},
-                           "patches": {"type": "string", "pattern": "^@"},
-                           "dest": _ABS, "when": _WHEN}}},
-        "rpms": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False, "required": ["src"],
-            "properties": {"src": {"type": "string", "pattern": "^@"}, "when": _WHEN}}},
-        "mounts": {"type": "array", "items": {"type": "object"}},
-        "requires": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False,
-            "properties": {"when": _WHEN,
-                           "all_of": {"type": "array", "items": {"type": "string"}},
-                           "any_of": {"type": "array", "items": {"type": "string"}}}}},
-        "run": {"type": "object", "additionalProperties": False,
-                "properties": {"when": _WHEN, "network": {"type": "boolean"},
-                               "timeout": {"type": "number", "minimum": 1}}},
-    },
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+    """A param as the elements of a build declare it."""
+
     name: str
-    type: str
-    default: Any
-    required: bool
-    values: tuple[Any, ...]
-    items: str | None
+    decl: ParamDecl
     declared_by: str
 
+    @property
+    def type(self) -> str:
+        return self.decl.type
 
-@dataclasses.dataclass
+    @property
+    def is_input(self) -> bool:
+        return PARAM_TYPES[self.decl.type].input
+
+
+@dataclasses.dataclass(frozen=True)
 class Element:
     name: str
     path: Path
-    spec: dict[str, Any]
-    marks: dict[tuple[str | int, ...], str]
+    spec: ElementSpec
+    ctx: Context
 
     @property
     def yaml_path(self) -> Path:
         return self.path / "element.yaml"
 
     def where(self, *key: str | int) -> str:
-        return locate(self.marks, key, self.yaml_path)
+        return self.ctx.where(key)
 
     def run_scripts(self) -> list[tuple[str, Path]]:
         """(phase, script) for scripts that run inside the rootfs."""
@@ -146,14 +73,20 @@ class Element:
 
 @dataclasses.dataclass
 class ElementSet:
+    """The elements of a build, dependencies first, with their params."""
+
     elements: list[Element]
     params: dict[str, Any]              # resolved, typed values (None = unset)
     specs: dict[str, ParamSpec]
     missing_inputs: list[str]           # "key: path" of inputs that do not exist
     search_path: list[Path]
+    param_where: dict[str, str]         # where each param's value was given
 
     def names(self) -> list[str]:
         return [e.name for e in self.elements]
+
+    def by_name(self, name: str) -> Element:
+        return next(e for e in self.elements if e.name == name)
 
 
 def search_path(recipe: Recipe) -> list[Path]:
@@ -188,7 +121,7 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
     from diskimage_builder import element_dependencies as dib
 
     paths = search_path(recipe)
-    requested = [IMPLICIT_ELEMENT, *recipe.elements]
+    requested = [IMPLICIT_ELEMENT, *recipe.spec.elements]
     logging.getLogger("diskimage_builder").setLevel(logging.CRITICAL)  # we report
     try:
         found = dib.get_elements(requested, paths=":".join(str(p) for p in paths))
@@ -253,35 +186,27 @@ def load_element(name: str, path: Path) -> Element:
                             hint="rootfs-build runs element scripts only inside the rootfs "
                                  "(pre-install.d, install.d, post-install.d)")
     if not yaml_path.exists():
-        return Element(name, path, {}, {})
-    spec, marks = load_yaml(yaml_path, "element.yaml")
-    if spec is None or spec == {}:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise UserError(f"{yaml_path}: element.yaml must be a mapping")
-    errors = list(jsonschema.Draft202012Validator(ELEMENT_SCHEMA).iter_errors(spec))
-    if errors:
-        err = jsonschema.exceptions.best_match(errors) or errors[0]
-        key = tuple(err.absolute_path)
-        where = locate(marks, key, yaml_path)
-        if err.validator == "additionalProperties":
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            unknown = (*key, extra[0] if extra else "?")
-            raise UserError(f"unknown key {dotted(unknown)}",
-                            where=locate(marks, unknown, yaml_path),
-                            hint="see 'element.yaml' in README.md")
-        raise UserError(f"{dotted(key)}: {err.message[:200]}", where=where,
-                        hint=schema_hint(err))
-    return Element(name, path, spec, marks)
+        return Element(name, path, ElementSpec(), Context(yaml_path, {}, "element.yaml"))
+    data, marks = load_yaml(yaml_path, "element.yaml")
+    ctx = Context(yaml_path, marks, "element.yaml")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{yaml_path}: element.yaml must be a mapping",
+                        hint="see 'element.yaml' in README.md")
+    return Element(name, path, load_table(ElementSpec, data, ctx), ctx)
 
 
 # ---------------------------------------------------------------------------
 # params
 
 
-def _check_value(spec: ParamSpec, value: Any, recipe: Recipe,
-                 key: tuple[str | int, ...]) -> Any:
-    t = spec.type
+def check_param(spec: ParamSpec, value: Any, recipe: Recipe,
+                key: tuple[str | int, ...], item_type: str | None = None) -> Any:
+    """`value` as the typed value of param `spec` (or of one of its items);
+    ValueError with a message otherwise.  Input paths are resolved against
+    the recipe's directory (the current one for --set values)."""
+    t = item_type or spec.type
     if value is None:
         return None
     if t == "str":
@@ -297,11 +222,9 @@ def _check_value(spec: ParamSpec, value: Any, recipe: Recipe,
             raise ValueError(f"{value!r} is not true or false")
         return value
     if t == "enum":
-        if value not in spec.values:
-            raise ValueError(f"{value!r} is not one of {', '.join(map(str, spec.values))}")
+        if value not in spec.decl.values:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, spec.decl.values))}")
         return value
-    if t in values.CHECKS:
-        return values.CHECKS[t](value)
     if t in ("file", "dir"):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{value!r} is not a path")
@@ -309,97 +232,117 @@ def _check_value(spec: ParamSpec, value: Any, recipe: Recipe,
     if t in ("files", "list"):
         if not isinstance(value, list):
             raise ValueError(f"{value!r} is not a list")
-        item_spec = dataclasses.replace(spec, type="file" if t == "files" else
-                                        (spec.items or "str"))
-        return [_check_value(item_spec, v, recipe, (*key, i)) for i, v in enumerate(value)]
-    raise ValueError(f"unknown type {t}")
+        item = "file" if t == "files" else (spec.decl.items or "str")
+        return [check_param(spec, v, recipe, (*key, i), item) for i, v in enumerate(value)]
+    check = PARAM_TYPES[t].check
+    assert check is not None, t
+    return check(value)
 
 
 def resolve_params(recipe: Recipe, elements: list[Element]) -> ElementSet:
     """Type-check recipe params against what the elements declare."""
     specs: dict[str, ParamSpec] = {}
     for el in elements:
-        for pname, decl in el.spec.get("params", {}).items():
-            spec = ParamSpec(pname, decl["type"], decl.get("default"),
-                             bool(decl.get("required", False)),
-                             tuple(decl.get("values", ())), decl.get("items"), el.name)
-            if pname in specs and (specs[pname].type, specs[pname].values) != (spec.type,
-                                                                              spec.values):
-                raise UserError(f"param {pname} is declared as {specs[pname].type} by "
-                                f"{specs[pname].declared_by} and as {spec.type} by {el.name}",
+        for pname, decl in el.spec.params.items():
+            spec = ParamSpec(pname, decl, el.name)
+            known = specs.get(pname)
+            if known is not None and (known.type, known.decl.values) != (decl.type,
+                                                                         decl.values):
+                raise UserError(f"param {pname} is declared as {known.type} by "
+                                f"{known.declared_by} and as {decl.type} by {el.name}",
                                 where=el.where("params", pname))
-            if spec.type == "enum" and not spec.values:
+            if decl.type == "enum" and not decl.values:
                 raise UserError(f"param {pname}: an enum needs 'values'",
                                 where=el.where("params", pname))
             specs.setdefault(pname, spec)
-    for pname in recipe.params:
+    given = recipe.spec.params
+    for pname in given:
         if pname not in specs:
             close = difflib.get_close_matches(pname, list(specs), n=1)
             raise UserError(f"unknown param params.{pname}", where=recipe.where("params", pname),
                             hint=(f"did you mean '{close[0]}'?" if close else
                                   "no element in this recipe declares it"))
     resolved: dict[str, Any] = {}
+    wheres: dict[str, str] = {}
     missing_inputs: list[str] = []
+    by_name = {el.name: el for el in elements}
     for pname, spec in sorted(specs.items()):
-        given = pname in recipe.params
-        raw = recipe.params[pname] if given else spec.default
-        where = recipe.where("params", pname) if given else next(
-            el for el in elements if el.name == spec.declared_by).where("params", pname, "default")
+        if pname in given:
+            raw, where = given[pname], recipe.where("params", pname)
+        else:
+            raw = spec.decl.default
+            where = by_name[spec.declared_by].where("params", pname, "default")
         try:
-            value = _check_value(spec, raw, recipe, ("params", pname))
+            value = check_param(spec, raw, recipe, ("params", pname))
         except ValueError as e:
             raise UserError(f"params.{pname}: {e}", where=where) from None
-        resolved[pname] = value
+        resolved[pname], wheres[pname] = value, where
         for p in ([value] if spec.type in ("file", "dir") else
                   (value or []) if spec.type == "files" else []):
             if p is None:
                 continue
-            ok = p.is_dir() if spec.type == "dir" else p.is_file()
-            if not ok:
+            try:
+                found = p.is_dir() if spec.type == "dir" else p.is_file()
+            except OSError:  # a name too long for the filesystem, say
+                found = False
+            if not found:
                 missing_inputs.append(f"params.{pname}: {p}")
-    return ElementSet(elements, resolved, specs, missing_inputs, [])
+    return ElementSet(elements, resolved, specs, missing_inputs, [], wheres)
 
 
-def _unset(value: Any) -> bool:
+def is_unset(value: Any) -> bool:
     return value is None or value == [] or value == ""
 
 
-def required_missing(es: ElementSet, recipe: Recipe) -> list[str]:
+def required_missing(es: ElementSet) -> list[str]:
     """Params that must be set but are not, as readable phrases."""
     missing = [f"params.{n}" for n, s in sorted(es.specs.items())
-               if s.required and _unset(es.params.get(n))]
+               if s.decl.required and is_unset(es.params.get(n))]
     for el in es.elements:
-        for rule in el.spec.get("requires", []):
-            if not condition_holds(rule.get("when"), es.params):
+        for rule in el.spec.requires:
+            if not holds(rule.when, es.params):
                 continue
             why = ""
-            if rule.get("when") and not isinstance(rule["when"], list):
-                w = rule["when"]
-                why = f" (because {w['param']} is {es.params.get(w['param'])})"
-            for name in rule.get("all_of", []):
-                if _unset(es.params.get(name)):
+            if len(rule.when) == 1:
+                w = rule.when[0]
+                why = f" (because {w.param} is {es.params.get(w.param)})"
+            for name in rule.all_of:
+                if is_unset(es.params.get(name)):
                     missing.append(f"params.{name}{why}")
-            names = rule.get("any_of", [])
-            if names and all(_unset(es.params.get(n)) for n in names):
-                missing.append(" or ".join(f"params.{n}" for n in names) + why)
+            if rule.any_of and all(is_unset(es.params.get(n)) for n in rule.any_of):
+                missing.append(" or ".join(f"params.{n}" for n in rule.any_of) + why)
     return missing
 
 
-def condition_holds(when: dict[str, Any] | list[dict[str, Any]] | None,
-                    params: dict[str, Any]) -> bool:
-    """An item's `when:`: {param, is | in | set}, or a list that must all hold."""
-    if not when:
-        return True
-    if isinstance(when, list):
-        return all(condition_holds(w, params) for w in when)
-    value = params.get(when["param"])
-    if "is" in when:
-        return bool(value == when["is"])
-    if "in" in when:
-        return value in when["in"]
-    if "set" in when:
-        return (value not in (None, [], "")) == when["set"]
-    return bool(value)
+def _check_param_references(el: Element, specs: dict[str, ParamSpec]) -> None:
+    """Every param an element's items name is declared by some element."""
+    s = el.spec
+    groups: dict[str, tuple[Any, ...]] = {
+        "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "templates": s.templates,
+        "trees": s.trees, "sources": s.sources, "rpms": s.rpms, "requires": s.requires}
+    for key, items in groups.items():
+        for i, item in enumerate(items):
+            for j, cond in enumerate(item.when):
+                if cond.param not in specs:
+                    raise UserError(f"{key}[{i}].when: unknown param {cond.param}",
+                                    where=el.where(key, i, "when", j))
+            for name in getattr(item, "all_of", ()) + getattr(item, "any_of", ()):
+                if name not in specs:
+                    raise UserError(f"{key}[{i}]: unknown param {name}",
+                                    where=el.where(key, i))
+    for j, cond in enumerate(s.run.when):
+        if cond.param not in specs:
+            raise UserError(f"run.when: unknown param {cond.param}",
+                            where=el.where("run", "when", j))
+    for pname, decl in s.params.items():
+        ref = decl.vermagic
+        if ref is not None and (ref not in specs or specs[ref].type != "kernel"):
+            raise UserError(f"params.{pname}.vermagic: {ref} is not a kernel param",
+                            where=el.where("params", pname, "vermagic"),
+                            hint="name a param of type kernel")
+        if (decl.elf_arch or ref) and not PARAM_TYPES[decl.type].input:
+            raise UserError(f"params.{pname}: elf_arch and vermagic apply to file params",
+                            where=el.where("params", pname))
 
 
 def load(recipe: Recipe) -> ElementSet:
@@ -407,16 +350,5 @@ def load(recipe: Recipe) -> ElementSet:
     es = resolve_params(recipe, elements)
     es.search_path = search_path(recipe)
     for el in elements:
-        for key in ("files", "templates", "trees", "dirs", "symlinks", "sources", "rpms",
-                    "requires"):
-            for i, item in enumerate(el.spec.get(key, [])):
-                w = item.get("when")
-                for cond in (w if isinstance(w, list) else [w] if w else []):
-                    if cond["param"] not in es.specs:
-                        raise UserError(f"{key}[{i}].when: unknown param {cond['param']}",
-                                        where=el.where(key, i, "when"))
-                for name in item.get("all_of", []) + item.get("any_of", []):
-                    if name not in es.specs:
-                        raise UserError(f"{key}[{i}]: unknown param {name}",
-                                        where=el.where(key, i))
+        _check_param_references(el, es.specs)
     return es

@@ -22,12 +22,13 @@ import string
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, tarfmt, values
-from .elements import Element, ElementSet, condition_holds
+from . import FORMAT_VERSION, tarfmt
+from .element_spec import holds
+from .elements import Element, ElementSet
 from .errors import UserError
 from .hashing import sha256_file
 from .layer import LayerWriter
-from .recipe import Overlay
+from .recipe import OverlaySpec
 from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
 
 
@@ -112,8 +113,8 @@ def _join(base: bytes, rel: bytes) -> bytes:
 # overlays
 
 
-def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
-    src = overlay.source
+def plan_overlay(overlay: OverlaySpec, index: int, where: str) -> FilePlan:
+    src = overlay.path
     label = f"overlays[{index}] ({src})"
     if not src.exists():
         raise UserError(f"{src}: overlay directory not found", where=where,
@@ -127,7 +128,7 @@ def plan_overlay(overlay: Overlay, index: int, where: str) -> FilePlan:
     uid, gid = overlay.uid, overlay.gid
 
     def mode_for(rel: str, default: int) -> tuple[int, bool]:
-        for pattern, mode in overlay.modes:
+        for pattern, mode in overlay.modes.items():
             if fnmatch.fnmatchcase(rel, pattern):
                 return mode, True
         return default, False
@@ -195,20 +196,33 @@ class _Template(string.Template):
 
 
 def template_values(params: dict[str, Any]) -> dict[str, str]:
-    """@{name} is the validated value; @{name_q} the same, shell-quoted."""
+    """@{name} is the validated value, @{name_q} the same shell-quoted.  A list
+    keeps its items apart: @{name} has one item per line, @{name_q} one quoted
+    word per item (so `arr=(@{name_q})` is a bash array of the items)."""
     out: dict[str, str] = {}
     for k, v in params.items():
-        text = "" if v is None else (" ".join(map(str, v)) if isinstance(v, list) else str(v))
-        if isinstance(v, bool):
-            text = "true" if v else "false"
-        out[k] = text
-        out[f"{k}_q"] = shlex.quote(text)
+        if isinstance(v, list):
+            items = [param_text(x) for x in v]
+            out[k] = "\n".join(items)
+            out[f"{k}_q"] = " ".join(shlex.quote(x) for x in items)
+        else:
+            out[k] = param_text(v)
+            out[f"{k}_q"] = shlex.quote(out[k])
     return out
 
 
+def param_text(value: Any) -> str:
+    """A scalar param as text: '' when unset, true/false for booleans."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
-    """An element item's source: '@param' names a file param, else a path
-    inside the element directory."""
+    """An element item's source: '@param' names a file or dir param, else a
+    path inside the element directory."""
     if src.startswith("@"):
         pname = src[1:]
         spec = es.specs.get(pname)
@@ -227,51 +241,41 @@ def element_source(el: Element, src: str, es: ElementSet, where: str) -> Path:
     return path
 
 
-def _owner(item: dict[str, Any]) -> dict[str, Any]:
-    return {"uid": item.get("uid", 0), "gid": item.get("gid", 0)}
-
-
 def plan_element(el: Element, es: ElementSet) -> FilePlan:
+    """The file layer of an element's declared content (what holds)."""
     plan = FilePlan("element", f"element {el.name}")
     spec = el.spec
     params = es.params
 
-    def mode(item: dict[str, Any], default: int, key: tuple[str | int, ...]) -> int:
-        try:
-            return values.check_mode(item.get("mode", default))
-        except ValueError as e:
-            raise UserError(f"{el.name}: {key[0]}[{key[1]}].mode: {e}",
-                            where=el.where(*key)) from None
-
-    for i, item in enumerate(spec.get("dirs", [])):
-        if condition_holds(item.get("when"), params):
-            name = dest_name(item["path"], where=el.where("dirs", i))
-            explicit = "mode" in item or "uid" in item or "gid" in item
-            plan.add(Item(Member(name, DIR, mode(item, 0o755, ("dirs", i)), **_owner(item)),
-                          weak=not explicit))
-    for i, item in enumerate(spec.get("symlinks", [])):
-        if condition_holds(item.get("when"), params):
-            name = dest_name(item["path"], where=el.where("symlinks", i))
-            plan.add(Item(Member(name, SYM, 0o777, linkname=os.fsencode(item["target"]),
-                                 **_owner(item))))
-    for i, item in enumerate(spec.get("files", [])):
-        if not condition_holds(item.get("when"), params):
+    for i, d in enumerate(spec.dirs):
+        if holds(d.when, params):
+            name = dest_name(d.path, where=el.where("dirs", i))
+            explicit = d.mode is not None or d.uid is not None or d.gid is not None
+            plan.add(Item(Member(name, DIR, 0o755 if d.mode is None else d.mode,
+                                 uid=d.uid or 0, gid=d.gid or 0), weak=not explicit))
+    for i, link in enumerate(spec.symlinks):
+        if holds(link.when, params):
+            name = dest_name(link.path, where=el.where("symlinks", i))
+            plan.add(Item(Member(name, SYM, 0o777, linkname=os.fsencode(link.target),
+                                 uid=link.uid, gid=link.gid)))
+    for i, f in enumerate(spec.files):
+        if not holds(f.when, params):
             continue
         where = el.where("files", i)
-        src = element_source(el, item["src"], es, where)
+        src = element_source(el, f.src, es, where)
         if not src.is_file():
             raise UserError(f"{src}: file not found (files[{i}] of element {el.name})",
                             where=where, hint="add the file to the element or fix src")
         digest = sha256_file(src)
         plan.inputs[str(src)] = digest
-        plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
-                             mode(item, 0o644, ("files", i)), size=src.stat().st_size,
-                             **_owner(item)), path=src, digest=digest))
-    for i, item in enumerate(spec.get("templates", [])):
-        if not condition_holds(item.get("when"), params):
+        plan.add(Item(Member(dest_name(f.dest, where=where), REG,
+                             0o644 if f.mode is None else f.mode, size=src.stat().st_size,
+                             uid=f.uid, gid=f.gid), path=src, digest=digest))
+    for i, t in enumerate(spec.templates):
+        if not holds(t.when, params):
             continue
         where = el.where("templates", i)
-        src = element_source(el, item["src"], es, where)
+        src = element_source(el, t.src, es, where)
         try:
             text = src.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -285,18 +289,18 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         except ValueError as e:
             raise UserError(f"{src}: bad template placeholder: {e}", where=where) from None
         digest = hashlib.sha256(data).hexdigest()
-        plan.add(Item(Member(dest_name(item["dest"], where=where), REG,
-                             mode(item, 0o644, ("templates", i)), size=len(data),
-                             **_owner(item)), data=data, digest=digest))
-    for i, item in enumerate(spec.get("trees", [])):
-        if not condition_holds(item.get("when"), params):
+        plan.add(Item(Member(dest_name(t.dest, where=where), REG,
+                             0o644 if t.mode is None else t.mode, size=len(data),
+                             uid=t.uid, gid=t.gid), data=data, digest=digest))
+    for i, tree in enumerate(spec.trees):
+        if not holds(tree.when, params):
             continue
         where = el.where("trees", i)
-        src = element_source(el, item["src"], es, where)
-        sub = plan_overlay(Overlay(source=src, dest=item["dest"], uid=item.get("uid", 0),
-                                   gid=item.get("gid", 0)), i, where)
+        src = element_source(el, tree.src, es, where)
+        sub = plan_overlay(OverlaySpec(path=src, dest=tree.dest, uid=tree.uid, gid=tree.gid),
+                           i, where)
         plan.items += sub.items
         plan.inputs.update(sub.inputs)
-    for i, path in enumerate(spec.get("deletions", [])):
+    for i, path in enumerate(spec.deletions):
         plan.deletions.append(dest_name(path, where=el.where("deletions", i)))
     return plan

@@ -18,9 +18,7 @@ import glob
 import json
 import os
 import shlex
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from . import elfinfo, ui
+from . import confined, elfinfo, fileio, runner, ui
 from .errors import UserError
+from .session import Session
 
 T = TypeVar("T")
 
@@ -40,9 +39,8 @@ DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
 LAUNCH_TIMEOUT = 600.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
-# Appliances started in this process (the build summary and the tests read it);
-# a KVM attempt that fails before the appliance runs does not count.
-launches = 0
+# Set once a KVM launch failed: later launches in this process go straight
+# to TCG instead of failing again.
 _tcg_only = False
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -64,10 +62,10 @@ mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir=/run/rb/upperfs/uppe
 workdir=/run/rb/upperfs/work,index=off,metacopy=off,redirect_dir=off /sysroot
 mount -t tmpfs -o mode=0700 tmpfs /sysroot{RUN_DIR}
 mkdir -p /sysroot{RUN_DIR}/scripts
-if [ -d /sysroot/tmp ] && [ ! -L /sysroot/tmp ]; then mount -t tmpfs tmpfs /sysroot/tmp; fi
+mount -t tmpfs -o mode=1777 tmpfs /sysroot/tmp
 """
 _OVERLAY_DOWN = f"""set -e
-if mountpoint -q /sysroot/tmp; then umount /sysroot/tmp; fi
+umount /sysroot/tmp
 umount /sysroot{RUN_DIR}
 umount /sysroot
 umount /run/rb/lower
@@ -199,12 +197,15 @@ def check_image(path: Path, fmt: str) -> None:
     """Refuse a damaged qcow2 (truncated, metadata pointing past its end)
     before the appliance reads zeros where its data should be and a rootfs
     with holes comes out.  qemu-img check only reads the image."""
-    if fmt != "qcow2" or shutil.which("qemu-img") is None:
+    if fmt != "qcow2":
         return
-    proc = subprocess.run(["qemu-img", "check", "-U", "--output=json", "-f", "qcow2",
-                           str(path)], capture_output=True, text=True, check=False)
+    qemu_img = runner.find_tool("qemu-img", needed_for="qcow2 base images")
+    proc = runner.run([qemu_img, "check", "-U", "--output=json", "-f", "qcow2", str(path)],
+                      env=runner.tool_env(0), what="qemu-img check", check=False)
+    stdout, stderr = (proc.stdout.decode("utf-8", "replace"),
+                      proc.stderr.decode("utf-8", "replace"))
     try:
-        report = json.loads(proc.stdout)
+        report = json.loads(stdout)
     except ValueError:
         report = None
     if not isinstance(report, dict):
@@ -213,7 +214,7 @@ def check_image(path: Path, fmt: str) -> None:
     if report and not errors and proc.returncode in (0, 3):  # 3: leaked clusters only
         return
     detail = (f"qemu-img check found {errors} errors" if errors else
-              (proc.stderr.strip().splitlines() or ["qemu-img check failed"])[-1])
+              (stderr.strip().splitlines() or ["qemu-img check failed"])[-1])
     raise UserError(f"{path}: the qcow2 image is damaged ({detail})",
                     hint="it is probably truncated or incomplete; download or copy it again")
 
@@ -236,12 +237,14 @@ class BaseInfo:
 class Appliance:
     """One libguestfs handle with its drives; use as a context manager."""
 
-    def __init__(self, label: str, *, smp: int = DEFAULT_SMP, memsize: int | None = None,
+    def __init__(self, label: str, *, session: Session | None = None, smp: int = DEFAULT_SMP,
                  timeout: float | None = None, network: bool = False):
+        """`session` counts the appliances that started (a KVM attempt that
+        fails before the appliance runs does not count)."""
         self.label = label
+        self.session = session
         self.network = network
         self.smp = smp
-        self.memsize = memsize
         self.timeout = timeout or DEFAULT_TIMEOUT
         self._drives: list[tuple[str, dict[str, Any]]] = []
         self.g: Any = None
@@ -268,8 +271,6 @@ class Appliance:
         if tcg:
             g.set_backend_settings(["force_tcg"])
         g.set_smp(self.smp)
-        if self.memsize:
-            g.set_memsize(self.memsize)
         if self.network:
             g.set_network(True)
         for path, opts in self._drives:
@@ -282,13 +283,13 @@ class Appliance:
     def _launch_quietly(self) -> None:
         """launch(), with libguestfs' own stderr chatter kept out of the user's
         way (shown with -v)."""
-        global launches
         saved = os.dup(2)
         with tempfile.TemporaryFile() as log:
             os.dup2(log.fileno(), 2)
             try:
                 self.call("launch", timeout=max(self.timeout, LAUNCH_TIMEOUT))
-                launches += 1
+                if self.session is not None:
+                    self.session.launches += 1
                 self._pid = self.g.get_pid()
             finally:
                 os.dup2(saved, 2)
@@ -538,34 +539,24 @@ class Appliance:
                         used_bytes=used)
 
     def guest_realpath(self, path: str) -> str | None:
-        """Resolve symlinks inside the guest tree (confined to it); None if missing."""
-        todo = [p for p in reversed(path.split("/")) if p]
-        done: list[str] = []
-        hops = 0
-        while todo:
-            part = todo.pop()
-            if part == ".":
-                continue
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            candidate = "/" + "/".join([*done, part])
+        """Resolve symlinks inside the guest tree (confined to it); None if a
+        component is missing or the links loop."""
+        class Missing(Exception):
+            pass
+
+        def readlink(candidate: str) -> str | None:
             try:
-                st = self.call("lstatns", candidate)
+                st = self.call("lstatns", "/" + candidate)
             except ApplianceError:
+                raise Missing from None
+            if st["st_mode"] & 0o170000 != 0o120000:
                 return None
-            if st["st_mode"] & 0o170000 == 0o120000:
-                hops += 1
-                if hops > 40:
-                    return None
-                target = self.call("readlink", candidate)
-                if target.startswith("/"):
-                    done = []
-                todo.extend(p for p in reversed(target.split("/")) if p)
-                continue
-            done.append(part)
-        return "/" + "/".join(done)
+            return str(self.call("readlink", "/" + candidate))
+
+        try:
+            return "/" + confined.resolve(path, readlink, follow_last=True)
+        except (Missing, confined.SymlinkLoop):
+            return None
 
     def _read_guest_text(self, path: str, limit: int = 65536) -> str | None:
         real = self.guest_realpath(path)
@@ -598,11 +589,14 @@ class Appliance:
     # -- steps inside the rootfs ------------------------------------------
     def run_in_tree(self, tree: Callable[[BinaryIO], None], scripts: list[tuple[str, bytes]],
                     env: dict[str, str], consume_upper: Callable[[BinaryIO], T],
-                    *, step: str) -> T:
+                    *, step: str, files: Callable[[BinaryIO], None] | None = None) -> T:
         """Lay a rootfs tree onto scratch disk 1, run `scripts` chrooted in it
         under an overlay whose upper directory lives on scratch disk 2, and
         hand the upper directory (the step's changes) to `consume_upper` as a
-        tar stream.  Needs two scratch drives added, in that order."""
+        tar stream.  `files` (a tar stream) is unpacked into the rootfs's
+        /tmp first, which is a tmpfs during the run: what is there never
+        reaches the step's layer.  Needs two scratch drives added, in that
+        order."""
         self.call("mkfs", "ext4", "/dev/sda", label=_LOWER_LABEL)
         self.call("mount", "/dev/sda", "/")
         self.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True},
@@ -610,10 +604,19 @@ class Appliance:
         if self.guest_realpath("/bin/bash") is None:
             raise UserError(f"{step}: the rootfs has no /bin/bash to run scripts with",
                             hint="scripts run inside the rootfs; install bash in the base")
+        if self.call("is_symlink", "/tmp") if self.call("exists", "/tmp") else False:
+            raise UserError(f"{step}: the rootfs's /tmp is a symlink",
+                            hint="scripts run with a private /tmp; make /tmp a directory "
+                                 "in the base")
+        # Mount points made on the lower disk only: the step's layer is the
+        # upper directory, which does not see them.
         self.call("mkdir_p", RUN_DIR)
+        self.call("mkdir_p", "/tmp")
         self.call("umount_all")
         self.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL)
         self.call("debug", "sh", [_OVERLAY_UP])
+        if files is not None:
+            self.stream_in("tar_in", ("/tmp",), {}, files)
         for i, (name, data) in enumerate(scripts):
             path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
             self.call("write", path, data)
@@ -754,11 +757,9 @@ class Partition:
 def make_disk_image(path: Path, *, fmt: str, size_mib: int, partitions: list[Partition],
                     trees: dict[str, Path], label: str = "image") -> None:
     """Create an MBR disk image with `partitions`, each filled from a tar in
-    `trees` (mountpoint -> tar path).  Written to a temporary name, then
-    renamed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    `trees` (mountpoint -> tar path).  Appears whole or not at all."""
     guestfs = _guestfs_module()
-    try:
+    with fileio.atomic_path(path) as tmp:
         g = guestfs.GuestFS(python_return_dict=True)
         g.disk_create(str(tmp), fmt, size_mib << 20)
         g.close()
@@ -784,7 +785,3 @@ def make_disk_image(path: Path, *, fmt: str, size_mib: int, partitions: list[Par
             for mountpoint in sorted(trees, key=lambda m: (m != "/", m)):
                 app.call("tar_in", str(trees[mountpoint]), mountpoint, xattrs=True,
                          selinux=True, acls=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from . import tarfmt
 from .errors import UserError
+from .fileio import ShortRead, copy_exactly, read_exactly
 from .hashing import HashingFile
 from .tarfmt import CHR, LNK, REG, SYM, Member
 
@@ -130,9 +131,6 @@ class LayerWriter:
         """Remove `name` (and its subtree) from the layers below this one."""
         self._deletions.add(name)
 
-    def has(self, name: bytes) -> bool:
-        return name in self._entries
-
     def _get_spool(self) -> BinaryIO:
         if self._spool is None:
             self._spool = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115
@@ -141,12 +139,10 @@ class LayerWriter:
         return self._spool
 
     def _copy(self, read: Reader, n: int) -> None:
-        while n:
-            chunk = read(min(n, 1 << 20))
-            if not chunk:
-                raise UserError(f"{self.source}: file data ended early")
-            self._out.write(chunk)
-            n -= len(chunk)
+        try:
+            copy_exactly(read, self._out.write, n)
+        except ShortRead:
+            raise UserError(f"{self.source}: file data ended early") from None
 
     def finish(self) -> dict:
         """Write the index; returns the layer's summary (also in index.json)."""
@@ -182,14 +178,11 @@ class LayerWriter:
 
 
 def _read_exactly(read: Reader, n: int, source: str, name: bytes) -> bytes:
-    parts = []
-    while n:
-        chunk = read(n)
-        if not chunk:
-            raise UserError(f"{source}: data of {name.decode('utf-8', 'replace')!r} ends early")
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts)
+    try:
+        return read_exactly(read, n)
+    except ShortRead:
+        raise UserError(f"{source}: data of {name.decode('utf-8', 'replace')!r} ends early"
+                        ) from None
 
 
 class Layer:

@@ -105,16 +105,6 @@ def sha256sums(directory: Path, known: dict[str, str] | None = None) -> str:
     return "".join(lines)
 
 
-def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 # -- output directory -------------------------------------------------------
 
 _RENAME_EXCHANGE = 2
@@ -136,39 +126,70 @@ def _exchange(a: Path, b: Path) -> bool:
     return True
 
 
-class OutputDir:
-    """Staging and publishing `<root>/<name>/`: holds an exclusive lock on the
-    name for the whole build so two builds of one recipe into one output
-    directory never interleave; the finished directory replaces the old one
-    in one rename."""
+def check_output_root(root: Path) -> None:
+    """Refuse an output root that cannot be written, before any work and
+    without creating anything."""
+    probe = Path(os.path.abspath(root))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{root}: output directory is not writable",
+                        hint="choose another with -o DIR")
 
-    def __init__(self, root: Path, name: str, *, wait: bool = True):
+
+class OutputDir:
+    """Staging and publishing `<root>/<name>/`.
+
+    Holds an exclusive lock on the name while it exists, so two builds of one
+    recipe into one output directory never interleave; the finished
+    directory replaces the old one in one rename.  Everything it keeps in
+    `<root>` while working is named `.<name>~...` (`~` cannot occur in a
+    recipe name, so no other name's files ever match), and close() removes
+    all of it, the lock included, and `<root>` itself when this build made it
+    and published nothing: a failed build leaves `<root>` as it found it.
+    """
+
+    def __init__(self, root: Path, name: str):
         self.root = root
         self.name = name
         self.final = root / name
+        self._made_root = not root.exists()
+        self._published = False
         try:
             root.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock, self._lock_path = self._take_lock()
         except OSError as e:
             raise UserError(f"{root}: output directory is not writable: {e.strerror}",
                             hint="choose another with -o DIR") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                os.close(self._lock)
-                raise UserError(f"{self.final}: another build of '{name}' is writing here",
-                                hint="wait for it, or use another -o DIR") from None
-            from . import ui
-            ui.step(f"waiting for another build of '{name}' in {root}")
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._clean_stale()
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=root))
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{name}~staging-", dir=root))
+        self._files = Path(tempfile.mkdtemp(prefix=f".{name}~files-", dir=root))
         self._extra: list[tuple[Path, Path]] = []
+
+    def _take_lock(self) -> tuple[int, Path]:
+        """flock on `.<name>~lock`, retried when the file we locked was
+        unlinked meanwhile by the build that held it (close() unlinks it)."""
+        path = self.root / f".{self.name}~lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                from . import ui
+                ui.step(f"waiting for another build of '{self.name}' in {self.root}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return fd, path
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def _clean_stale(self) -> None:
         # Leftovers of killed builds of this name; safe because we hold the lock.
-        for p in self.root.glob(f".{self.name}.*-*"):
+        for p in self.root.glob(f".{self.name}~*"):
+            if p == self._lock_path:
+                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -178,9 +199,13 @@ class OutputDir:
     def sibling(self, filename: str) -> Path:
         """A staging path for a file published next to the directory
         (`<root>/<filename>`), e.g. the bundle."""
-        tmp = self.root / f".{self.name}.file-{len(self._extra)}-{os.getpid()}"
+        tmp = self._files / filename
         self._extra.append((tmp, self.root / filename))
         return tmp
+
+    def published(self, rel: Path) -> Path:
+        """Where a file given as `sibling(rel)` was published."""
+        return self.root / rel
 
     def publish(self) -> Path:
         self._fsync_tree(self.staging)
@@ -192,7 +217,7 @@ class OutputDir:
             if _exchange(self.staging, self.final):
                 shutil.rmtree(self.staging, ignore_errors=True)
             else:
-                old = self.root / f".{self.name}.old-{os.getpid()}"
+                old = self.root / f".{self.name}~old-{os.getpid()}"
                 os.rename(self.final, old)
                 os.rename(self.staging, self.final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -201,6 +226,7 @@ class OutputDir:
         for tmp, final in self._extra:
             if tmp.exists():
                 os.replace(tmp, final)
+        self._published = True
         return self.final
 
     @staticmethod
@@ -214,13 +240,16 @@ class OutputDir:
                     os.close(fd)
 
     def close(self) -> None:
-        """Drop what was not published and release the lock."""
-        if self.staging.exists():
-            shutil.rmtree(self.staging, ignore_errors=True)
-        for tmp, _ in self._extra:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        """Drop what was not published, release and remove the lock."""
+        for p in (self.staging, self._files):
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._lock_path.unlink()
         os.close(self._lock)
+        if self._made_root and not self._published:
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # only when empty
 
     def __enter__(self) -> OutputDir:
         return self

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
-from . import guestfs_io, tarfmt
+from . import guestfs_io, runner, tarfmt
 from .tarfmt import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Member
 
 MTIME = 1650000000  # files get fixed times, so only mkfs-made dirs carry "now"
@@ -83,7 +82,8 @@ class _TarBuilder(TarStream):
 
 
 def _host_libs(binary: str) -> list[str]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    out = runner.run([runner.find_tool("ldd", needed_for="the sample image"), binary],
+                     env=None, what="ldd", check=False).stdout.decode("utf-8", "replace")
     libs = []
     for line in out.splitlines():
         parts = line.split()
@@ -188,7 +188,7 @@ def _fidelity_cases(t: _TarBuilder) -> None:
                    b"trusted.overlay.test": b"y",
                    b"security.selinux": b"system_u:object_r:etc_t:s0\0"})
     t.file("srv/acl", b"acl\n", 0o640,
-           extra={b"SCHILY.acl.access": b"user::rw-,user:1000:r--,group::r--,mask::r--,"
+           acls={b"SCHILY.acl.access": b"user::rw-,user:1000:r--,group::r--,mask::r--,"
                                         b"other::---"})
     # hard links whose walk order and sorted order differ
     t.file("srv/links/b-first", b"shared inode\n", 0o644)

@@ -1,8 +1,9 @@
 """Source trees: a release tarball plus ordered patches, checked on the build host.
 
-The tarball is unpacked with tarfile's "data" filter (no absolute names,
-no '..', no links out of the tree, no devices) into a private work
-directory, and each patch is applied there with GNU patch in order.  A
+The tarball is read with tarfile member by member and written out by hand
+(only directories, regular files and links that stay inside the tree; no
+absolute names, no '..', nothing written through a symlink) into a private
+work directory, and each patch is applied there with GNU patch in order.  A
 patch that does not apply stops the build before any appliance starts.
 The patched tree becomes a file layer; the element's install scripts then
 configure, build and install it inside the rootfs.
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
+from . import runner
 from .errors import UserError
 from .filelayers import FilePlan, plan_overlay
 from .hashing import sha256_file
-from .recipe import Overlay
+from .recipe import OverlaySpec
 
 
 def _refuse(archive: Path, name: str, why: str, where: str) -> UserError:
@@ -84,20 +85,20 @@ def unpack(archive: Path, dest: Path, *, where: str) -> Path:
 
 
 def apply_patches(tree: Path, patches: list[Path], *, archive: Path, where: str) -> None:
-    if patches and shutil.which("patch") is None:
-        raise UserError("GNU patch is not installed on the build host",
-                        hint="apt-get install patch (./setup.sh does)")
+    if not patches:
+        return
+    patch = runner.find_tool("patch", needed_for="source patches")
     for p in patches:
-        proc = subprocess.run(
-            ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch",
+        proc = runner.run(
+            [patch, "-p1", "--batch", "--forward", "--no-backup-if-mismatch",
              "-d", str(tree), "-i", str(p.resolve())],
-            capture_output=True, text=True, check=False)
+            env=runner.tool_env(0), what=f"patch {p.name}", check=False)
         if proc.returncode != 0:
-            lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+            output = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+            lines = [line for line in output.splitlines()
                      if "FAILED" in line or "malformed" in line or "can't find" in line
                      or "Reversed" in line or "No such file" in line]
-            detail = lines[0].strip() if lines else (proc.stderr.strip().splitlines() or
-                                                     ["patch failed"])[-1]
+            detail = lines[0].strip() if lines else runner.last_line(proc.stderr or b"patch failed")
             raise UserError(f"patch {p.name} does not apply to {archive.name}: {detail}",
                             where=where,
                             hint="check the patch order and that it matches this release")
@@ -109,7 +110,7 @@ def plan_source(archive: Path, patches: list[Path], dest: str, workdir: Path, *,
     layer is written) and plan the patched tree at `dest` in the rootfs."""
     root = unpack(archive, workdir, where=where)
     apply_patches(root, patches, archive=archive, where=where)
-    plan = plan_overlay(Overlay(source=root, dest=dest), 0, where)
+    plan = plan_overlay(OverlaySpec(path=root, dest=dest), 0, where)
     plan.kind = "source"
     plan.label = label
     plan.inputs = {str(archive): sha256_file(archive), **{str(p): sha256_file(p) for p in patches}}

@@ -8,7 +8,13 @@ becomes the same bytes:
 - names are ``./path`` (directories ``./path/``, the root ``./``); a pax
   ``path``/``linkpath`` record only when the ustar field cannot hold it;
 - numeric owners, empty uname/gname, integer mtime, no atime/ctime;
-- xattrs as ``SCHILY.xattr.*`` and ACLs as ``SCHILY.acl.*`` records, sorted;
+- xattrs as ``SCHILY.xattr.*`` records, sorted; POSIX ACLs in one form only:
+  ``SCHILY.acl.access``/``SCHILY.acl.default`` text with numeric ids
+  (``user::rw-,user:1000:r--,group::r--,mask::r--,other::---``).  GNU tar
+  (libguestfs' tar_out) records an ACL twice, as that text (with user
+  names from the machine that ran tar) and as the raw
+  ``system.posix_acl_*`` xattr: the reader keeps the raw xattr's numeric
+  truth, as text, and drops the xattr;
 - hard links carry no data and no xattrs (the inode's data is on the anchor);
 - files with long zero runs are written as pax sparse 1.0 (decided from the
   content, not from the source filesystem, so every producer agrees).
@@ -22,6 +28,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import UserError
+from .fileio import ShortRead, copy_exactly, read_exactly
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)
@@ -38,6 +45,7 @@ SPARSE_MIN = 2 * HOLE_GRAIN
 _ZERO_GRAIN = bytes(HOLE_GRAIN)
 
 _PAX_NAME = b"././@PaxHeader"
+_LINK_PLACEHOLDER = b"././@LongLink"
 _OCTAL_LIMITS = {7: 8**7, 11: 8**11}
 
 
@@ -48,7 +56,7 @@ class Member:
     name: path without leading ``./`` or trailing slash (root is b"").
     size: logical size of a regular file (the real size when sparse).
     sparse: data segments (offset, length) when stored sparse, else None.
-    extra: kept pax records other than xattrs (ACLs), key -> value.
+    acls: ACL records (``SCHILY.acl.access``/``.default`` -> canonical text).
     """
 
     name: bytes
@@ -62,7 +70,7 @@ class Member:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
-    extra: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
+    acls: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
     sparse: list[tuple[int, int]] | None = None
 
     @property
@@ -147,8 +155,15 @@ def sparse_map_block(segments: list[tuple[int, int]]) -> bytes:
     return text + padding(len(text))
 
 
-def encode_header(m: Member) -> bytes:
-    """The canonical header blocks (pax header included) for `m`."""
+def encode_header(m: Member, *, for_libarchive: bool = False) -> bytes:
+    """The canonical header blocks (pax header included) for `m`.
+
+    `for_libarchive`: the variant mke2fs -d (libarchive 3.6) reads right,
+    not canonical: atime and ctime records equal to the mtime (it sets them
+    from the tar), ``hdrcharset=BINARY`` when a name is not ASCII (so it
+    takes names as bytes in any locale), and a non-empty ustar linkname
+    field for links whose target travels in a pax ``linkpath`` record (an
+    empty one makes it file a symlink's target as a hard link's)."""
     arcname = b"./" + m.name + b"/" if m.type == DIR and m.name else b"./" + m.name
     if m.type == LNK:
         link = b"./" + m.linkname
@@ -182,9 +197,14 @@ def encode_header(m: Member) -> bytes:
     if size >= _OCTAL_LIMITS[11]:
         records.append((b"size", b"%d" % size))
     mtime = min(max(m.mtime, 0), _OCTAL_LIMITS[11] - 1)
+    if for_libarchive:
+        records += [(b"atime", b"%d" % mtime), (b"ctime", b"%d" % mtime)]
+        if not (m.name.isascii() and m.linkname.isascii()):
+            records.append((b"hdrcharset", b"BINARY"))
+        if m.type in (SYM, LNK) and not link:
+            link = _LINK_PLACEHOLDER
     if m.type != LNK:
-        records += sorted(m.extra.items())
-    if m.type != LNK:
+        records += sorted(m.acls.items())
         records += [(b"SCHILY.xattr." + k, v) for k, v in sorted(m.xattrs.items())]
     out = b""
     if records:
@@ -267,18 +287,11 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
-    buf = f.read(n)
-    while len(buf) < n:  # pipes and raw files may return less than asked
-        more = f.read(n - len(buf))
-        if not more:
-            break
-        buf += more
-    if len(buf) != n:
+    try:
+        return read_exactly(f.read, n)
+    except ShortRead:
         raise TarFormatError("tar stream ends in the middle of a member",
-                             hint="the input is truncated")
-    if not isinstance(buf, bytes):
-        buf = bytes(buf)
-    return buf
+                             hint="the input is truncated") from None
 
 
 class TarReader:
@@ -422,8 +435,12 @@ class TarReader:
         for key, value in pax.items():
             if key.startswith(b"SCHILY.xattr."):
                 m.xattrs[key[len(b"SCHILY.xattr."):]] = value
-            elif key.startswith(b"SCHILY.acl."):
-                m.extra[key] = value
+            elif key in ACL_RECORDS:
+                m.acls[key] = value
+        for key, xattr in ACL_RECORDS.items():
+            raw = m.xattrs.pop(xattr, None)
+            if raw is not None:
+                m.acls[key] = self._acl_text(raw, name)
         selinux = pax.get(b"RHT.security.selinux")
         if selinux is not None and b"security.selinux" not in m.xattrs:
             m.xattrs[b"security.selinux"] = selinux + b"\0"
@@ -447,10 +464,18 @@ class TarReader:
         if typeflag == LNK:
             m.linkname = normalize_name(linkname, what=f"{self.source}: hard link target")
             m.xattrs.clear()  # inode data lives on the anchor
-            m.extra.clear()
+            m.acls.clear()
         elif typeflag == SYM:
             m.linkname = linkname
         return m
+
+    def _acl_text(self, raw: bytes, name: bytes) -> bytes:
+        try:
+            return acl_text(raw)
+        except ValueError as e:
+            raise TarFormatError(f"{self.source}: member "
+                                 f"{name.decode('utf-8', 'replace')!r}: bad ACL xattr: {e}"
+                                 ) from None
 
     def _read_sparse_map(self) -> list[tuple[int, int]]:
         # The map is newline-separated decimals at the start of the data,
@@ -472,6 +497,81 @@ class TarReader:
         return [(numbers[1 + 2 * i], numbers[2 + 2 * i]) for i in range(count)]
 
 
+# ---------------------------------------------------------------------------
+# POSIX ACLs: canonical text <-> the Linux xattr form (system.posix_acl_*:
+# version 2, then (tag, perm, id) entries sorted by tag and id, the order the
+# kernel itself returns)
+
+ACL_RECORDS = {b"SCHILY.acl.access": b"system.posix_acl_access",
+               b"SCHILY.acl.default": b"system.posix_acl_default"}
+_ACL_TAGS = {b"user": 0x01, b"u": 0x01, b"group": 0x04, b"g": 0x04,
+             b"mask": 0x10, b"m": 0x10, b"other": 0x20, b"o": 0x20}
+_ACL_NAMED = {0x01: 0x02, 0x04: 0x08}
+_ACL_WORDS = {0x01: b"user", 0x02: b"user", 0x04: b"group", 0x08: b"group", 0x10: b"mask",
+              0x20: b"other"}
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def acl_text(raw: bytes) -> bytes:
+    """The canonical text of a system.posix_acl_* xattr value (numeric ids)."""
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
+        raise ValueError("not a version 2 POSIX ACL")
+    parts = []
+    for off in range(4, len(raw), 8):
+        tag = int.from_bytes(raw[off:off + 2], "little")
+        perm = int.from_bytes(raw[off + 2:off + 4], "little")
+        ident = int.from_bytes(raw[off + 4:off + 8], "little")
+        if tag not in _ACL_WORDS:
+            raise ValueError(f"unknown ACL tag {tag:#x}")
+        qualifier = b"%d" % ident if tag in (0x02, 0x08) else b""
+        bits = bytes(ch if perm & bit else ord("-")
+                     for ch, bit in ((ord("r"), 4), (ord("w"), 2), (ord("x"), 1)))
+        parts.append(_ACL_WORDS[tag] + b":" + qualifier + b":" + bits)
+    return b",".join(parts)
+
+
+def acl_xattr(text: bytes, where: str) -> bytes:
+    """The system.posix_acl_* xattr value for an ACL in tar text form
+    (``user::rw-,user:1000:r--,group::r--,mask::r--,other::---``; a named
+    entry may carry its numeric id as a 4th field, as star and libarchive
+    write it)."""
+    entries = []
+    for raw in text.replace(b"\n", b",").split(b","):
+        part = raw.split(b"#", 1)[0].strip()
+        if not part:
+            continue
+        fields = part.split(b":")
+        if len(fields) < 3 or fields[0] not in _ACL_TAGS:
+            raise UserError(f"{where}: cannot read ACL entry {part.decode('utf-8', 'replace')!r}")
+        tag = _ACL_TAGS[fields[0]]
+        qualifier = fields[1]
+        perm = 0
+        for ch, bit in ((b"r", 4), (b"w", 2), (b"x", 1)):
+            if ch in fields[2]:
+                perm |= bit
+        ident = _ACL_UNDEFINED_ID
+        if qualifier:
+            if tag not in _ACL_NAMED:
+                raise UserError(f"{where}: ACL entry {part.decode('utf-8', 'replace')!r} "
+                                "cannot name a user or group")
+            tag = _ACL_NAMED[tag]
+            if qualifier.isdigit():
+                ident = int(qualifier)
+            elif len(fields) > 3 and fields[3].isdigit():
+                ident = int(fields[3])
+            else:
+                raise UserError(
+                    f"{where}: ACL entry {part.decode('utf-8', 'replace')!r} names a user or "
+                    "group without its numeric id",
+                    hint="the id cannot be looked up outside the rootfs; use numeric ids")
+        entries.append((tag, perm, ident))
+    entries.sort(key=lambda e: (e[0], e[2]))
+    out = bytearray((2).to_bytes(4, "little"))
+    for tag, perm, ident in entries:
+        out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+    return bytes(out)
+
+
 def member_data_size(m: Member) -> int:
     """Bytes of segment data (excluding the sparse map) stored for `m`."""
     if m.type != REG:
@@ -481,9 +581,10 @@ def member_data_size(m: Member) -> int:
     return sum(n for _, n in m.sparse)
 
 
-def write_member(out: BinaryIO, m: Member, data: BinaryIO | None) -> int:
+def write_member(out: BinaryIO, m: Member, data: BinaryIO | None, *,
+                 for_libarchive: bool = False) -> int:
     """Write `m` with its data segments read from `data`; returns bytes written."""
-    header = encode_header(m)
+    header = encode_header(m, for_libarchive=for_libarchive)
     out.write(header)
     written = len(header)
     if m.type == REG:
@@ -492,14 +593,13 @@ def write_member(out: BinaryIO, m: Member, data: BinaryIO | None) -> int:
             out.write(block)
             written += len(block)
         remaining = member_data_size(m)
-        assert data is not None or remaining == 0
-        while remaining:
-            chunk = data.read(min(remaining, 1 << 20)) if data else b""
-            if not chunk:
-                raise TarFormatError("file data ended early")
-            out.write(chunk)
-            remaining -= len(chunk)
-            written += len(chunk)
+        if remaining:
+            assert data is not None
+            try:
+                copy_exactly(data.read, out.write, remaining)
+            except ShortRead:
+                raise TarFormatError("file data ended early") from None
+            written += remaining
         pad = padding(m.stored_size)
         out.write(pad)
         written += len(pad)

@@ -69,16 +69,69 @@ def check_kernel_release(value: object) -> str:
 
 
 def check_mode(value: object) -> int:
-    """A file mode given as an octal string ('0755') or an int."""
+    """A file mode, written as octal text ('0755').  A bare YAML number is
+    refused: `mode: 755` is the decimal 755 and `mode: 0755` YAML 1.1's octal
+    493, and neither is what the reader of the recipe sees."""
     if isinstance(value, int) and not isinstance(value, bool):
-        mode = value
-    elif isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
-        mode = int(value, 8)
-    else:
+        raise ValueError(f"{value!r} is a number; write a mode as quoted octal text "
+                         "(like '0755')")
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3,4}", value):
         raise ValueError(f"{value!r} is not a file mode (like '0755')")
-    if not 0 <= mode <= 0o7777:
-        raise ValueError(f"{value!r} is not a file mode (like '0755')")
-    return mode
+    return int(value, 8)
+
+
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """A byte count: an integer, or text like 512M, 1.5G, 20GB."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"{value!r} is not a positive size")
+        return value
+    text = str(value).strip().upper().removesuffix("B")
+    try:
+        size = (int(float(text[:-1]) * SIZE_UNITS[text[-1]]) if text[-1:] in SIZE_UNITS
+                else int(text))
+    except (ValueError, OverflowError, IndexError):
+        raise ValueError(f"{value!r} is not a size (like 2G or 512M)") from None
+    if size <= 0:
+        raise ValueError(f"{value!r} is not a positive size")
+    return size
+
+
+def check_sha256(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError(f"{value!r} is not a sha256 (64 hex digits)")
+    return value.lower()
+
+
+def check_arch(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]+", value):
+        raise ValueError(f"{value!r} is not an architecture name (like x86_64, aarch64)")
+    return value
+
+
+def check_id(value: object) -> int:
+    """A numeric uid or gid."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"{value!r} is not a numeric id (0 or more)")
+    return value
+
+
+def check_rootfs_path(value: object) -> str:
+    """An absolute path inside the rootfs without '..' components."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path inside the rootfs")
+    if ".." in value.split("/"):
+        raise ValueError(f"{value!r} must not contain '..' (paths stay inside the rootfs)")
+    return value
+
+
+def check_param_name(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+        raise ValueError(f"{value!r} is not a param name (lower case letters, digits, _)")
+    return value
 
 
 CHECKS = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -105,14 +104,11 @@ def fixture_build(session_dir: Path, fixture_image: Path) -> Build:
 
 @pytest.fixture(scope="session")
 def demo_inputs(session_dir: Path) -> Path:
-    """recipes/demo.yaml beside freshly made demo inputs (not the repo's copy)."""
+    """The demo laid out in the session (recipe, overlay, fresh inputs): the
+    recipe's path."""
     from builder import demo
 
-    work = session_dir / "demo"
-    work.mkdir()
-    shutil.copy(REPO / "recipes" / "demo.yaml", work / "demo.yaml")
-    demo.prepare_inputs(work / "demo-inputs")
-    return work / "demo.yaml"
+    return demo.prepare(session_dir / "demo")
 
 
 @pytest.fixture(scope="session")
@@ -122,12 +118,11 @@ def demo_files(session_dir: Path) -> Path:
     from builder import demo
 
     work = session_dir / "demo-files"
-    (work / "demo-inputs").mkdir(parents=True)
-    shutil.copy(REPO / "recipes" / "demo.yaml", work / "demo.yaml")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
-                    str(work / "demo-inputs" / demo.BASE_IMAGE), "64M"], check=True)
-    demo.prepare_inputs(work / "demo-inputs")
-    return work / "demo.yaml"
+    inputs = work / demo.INPUTS
+    inputs.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(inputs / demo.BASE_IMAGE),
+                    "64M"], check=True)
+    return demo.prepare(work)
 
 
 @pytest.fixture(scope="session")

@@ -218,16 +218,20 @@ class Running:
         return time.monotonic() - t0
 
 
-def start_build(*args: str | Path, logs: Path, env: dict[str, str] | None = None) -> Running:
-    """`rootfs-build ARGS` as its own process, the way a pipeline starts it."""
+def start_build(*args: str | Path, logs: Path, env: dict[str, str] | None = None,
+                seam: str | None = None) -> Running:
+    """`rootfs-build ARGS` as its own process, the way a pipeline starts it;
+    `seam` names a wrapper in tests/seams/ that runs it with a test hook."""
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.err")))
     out_path, err_path = logs / f"{n}.out", logs / f"{n}.err"
     full_env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     full_env.update(env or {})
+    entry = (["-m", "builder.cli"] if seam is None
+             else [str(REPO / "tests" / "seams" / f"{seam}.py")])
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "builder.cli", *map(str, args)], cwd=REPO, env=full_env,
+            [sys.executable, *entry, *map(str, args)], cwd=REPO, env=full_env,
             stdout=out, stderr=err, stdin=subprocess.DEVNULL,
             # a pipeline's SIGINT reaches us even if pytest was started with it ignored
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -252,8 +256,9 @@ def error_lines(stderr: str) -> list[str]:
 # -- what a build leaves behind ----------------------------------------------------
 
 def leftovers(out_root: Path, name: str, cache: Path) -> list[str]:
-    """Staging and temporary files a finished or interrupted build must not leave."""
-    found = [p.name for p in out_root.glob(f".{name}.*") if not p.name.endswith(".lock")]
+    """Staging, lock and temporary files a finished or interrupted build must
+    not leave (everything a build keeps beside its outputs is `.NAME~*`)."""
+    found = [p.name for p in out_root.glob(f".{name}~*")]
     found += [f"cache tmp/{p.name}" for p in (cache / "tmp").iterdir()] \
         if (cache / "tmp").is_dir() else []
     return sorted(found)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_RECIPE, Build, run_cli, write_recipe
 
+from builder import tarfmt
 from builder.hashing import sha256_file as sha256
 
 pytestmark = pytest.mark.appliance
@@ -228,7 +229,13 @@ def test_output_holds_every_fixture_case_unchanged(fixture_build: Build,
                   v.encode("utf-8", "surrogateescape")
                   for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
         if not m.islnk():
-            assert xattrs == g["xattrs"], name
+            # one canonical form for ACLs: SCHILY.acl.* text with numeric ids,
+            # never also the raw system.posix_acl_* xattr
+            acls = {k: v for k, v in g["xattrs"].items() if k.startswith(b"system.posix_acl_")}
+            assert xattrs == {k: v for k, v in g["xattrs"].items() if k not in acls}, name
+            for record, xattr in tarfmt.ACL_RECORDS.items():
+                want = tarfmt.acl_text(acls[xattr]).decode() if xattr in acls else None
+                assert m.pax_headers.get(record.decode()) == want, name
         if kind == stat.S_IFREG:
             key = g["ino"]
             if g["nlink"] > 1 and key in anchors:
@@ -258,4 +265,6 @@ def test_output_holds_every_fixture_case_unchanged(fixture_build: Build,
     assert members[b"srv/huge-uid"][0].uid == 4000000
     assert b"security.selinux" in listing[b"srv/xattrs"]["xattrs"]
     assert b"security.capability" in listing[b"usr/bin/ping-like"]["xattrs"]
+    assert members[b"srv/acl"][0].pax_headers["SCHILY.acl.access"] == (
+        "user::rw-,user:1000:r--,group::r--,mask::r--,other::---")
     assert members[b"srv/dangling"][0].linkname == "/no/such/file"

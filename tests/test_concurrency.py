@@ -132,7 +132,7 @@ def test_same_recipe_into_same_output_dir_does_not_interleave(
                            "--set", f"overlays=[{overlay}]", logs=tmp_path / "logs")
 
     first = start(first_ov)
-    first.wait_for(lambda: list(out.glob(".same.staging-*")), "the first build's staging")
+    first.wait_for(lambda: list(out.glob(".same~staging-*")), "the first build's staging")
     os.kill(first.pid, signal.SIGSTOP)   # it holds the output lock now
     try:
         second = start(second_ov)
@@ -269,7 +269,7 @@ def test_cache_prune_spares_entries_a_running_build_uses(demo_build: Build, area
     build = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs")
     try:
         build.wait_for(lambda: any(p.stat().st_size > 0
-                                   for p in out.glob(".inuse.staging-*/rootfs.tar.gz")),
+                                   for p in out.glob(".inuse~staging-*/rootfs.tar.gz")),
                        "the build to write its outputs")
         os.kill(build.pid, signal.SIGSTOP)
         prune = run_cli("cache", "prune", "--cache-dir", cache, "--json")

@@ -16,9 +16,10 @@ import unit_helpers as h
 from unit_helpers import make_element, make_recipe
 
 from builder import elements, filelayers
+from builder.element_spec import Condition, ElementSpec
 from builder.errors import UserError
 from builder.layer import Layer
-from builder.recipe import Overlay, load_recipe
+from builder.recipe import OverlaySpec, load_recipe
 from builder.tarfmt import DIR, FIFO, LNK, REG, SYM
 
 
@@ -59,7 +60,7 @@ def test_recipe_elements_dir_is_searched_first(tmp_path: Path) -> None:
     es = load(tmp_path, ["qtfs"])
     qtfs = es.elements[-1]
     assert qtfs.path == tmp_path / "elements/qtfs"
-    assert qtfs.spec == {"description": "local qtfs"}
+    assert qtfs.spec == ElementSpec(description="local qtfs")
 
 
 def test_elements_path_is_searched_after_the_recipe_dir(tmp_path: Path,
@@ -161,7 +162,7 @@ def test_element_yaml_must_be_a_mapping(tmp_path: Path) -> None:
 
 def test_empty_element_yaml(tmp_path: Path) -> None:
     make_element(tmp_path / "elements", "a", spec="# nothing yet\n")
-    assert load(tmp_path, ["a"]).elements[-1].spec == {}
+    assert load(tmp_path, ["a"]).elements[-1].spec == ElementSpec()
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +181,7 @@ params:
   tree: {type: dir}
   count: {type: int, default: 3}
   flag: {type: bool, default: false}
-  level: {type: log_level, default: INFO}
+  level: {type: enum, values: [NONE, ERROR, WARN, INFO, DEBUG], default: INFO}
   kernel: {type: kernel}
   label: {type: str, required: true}
 """
@@ -215,7 +216,7 @@ label: 7
     assert (p["count"], p["flag"], p["level"], p["label"]) == (3, True, "INFO", "7")
     assert es.missing_inputs == ["params.kos: /abs/x.ko"]
     assert es.specs["ip"].declared_by == "typed"
-    assert elements.required_missing(es, load_recipe(tmp_path / "recipe.yaml")) == []
+    assert elements.required_missing(es) == []
 
 
 @pytest.mark.parametrize(("given", "needle"), [
@@ -230,7 +231,7 @@ label: 7
     ("peers: 10.0.0.1", "params.peers: '10.0.0.1' is not a list"),
     ("count: '3'", "params.count: '3' is not an integer"),
     ("flag: 'yes'", "params.flag: 'yes' is not true or false"),
-    ("level: LOUD", "params.level: 'LOUD' is not a qtfs log level"),
+    ("level: LOUD", "params.level: 'LOUD' is not one of NONE, ERROR, WARN, INFO, DEBUG"),
     ("kernel: '5.10 x'", "is not a kernel release"),
     ("ko: ''", "params.ko: '' is not a path"),
     ("label: [a]", "params.label: ['a'] is not a string"),
@@ -297,7 +298,7 @@ requires:
 def missing(tmp_path: Path, params: str) -> list[str]:
     make_element(tmp_path / "elements", "rules", spec=RULES)
     recipe = load_recipe(make_recipe(tmp_path, ["rules"], params))
-    return elements.required_missing(elements.load(recipe), recipe)
+    return elements.required_missing(elements.load(recipe))
 
 
 def test_requires_all_of_any_of(tmp_path: Path) -> None:
@@ -317,7 +318,7 @@ def test_required_params(tmp_path: Path) -> None:
     make_element(tmp_path / "elements", "a",
                  spec="params:\n  x: {type: str, required: true}\n  y: {type: str}\n")
     recipe = load_recipe(make_recipe(tmp_path, ["a"]))
-    assert elements.required_missing(elements.load(recipe), recipe) == ["params.x"]
+    assert elements.required_missing(elements.load(recipe)) == ["params.x"]
 
 
 @pytest.mark.parametrize(("when", "params", "holds"), [
@@ -336,7 +337,11 @@ def test_required_params(tmp_path: Path) -> None:
     ([], {}, True),
 ])
 def test_condition_holds(when: object, params: dict, holds: bool) -> None:
-    assert elements.condition_holds(when, params) is holds  # type: ignore[arg-type]
+    conds = [] if when is None else when if isinstance(when, list) else [when]
+    parsed = tuple(Condition(c["param"], **{{"is": "is_", "in": "in_"}.get(k, k): v
+                                            for k, v in c.items() if k != "param"})
+                   for c in conds)  # type: ignore[union-attr]
+    assert all(c.holds(params) for c in parsed) is holds
 
 
 def test_when_naming_an_unknown_param(tmp_path: Path) -> None:
@@ -384,7 +389,8 @@ TEMPLATE = """\
 set -euo pipefail
 addr=@{host_ip}:@{port}
 note=@{note_q}
-peers=(@{peers})
+peers=(@{peers_q})
+lines='@{peers}'
 on=@{enabled} unset=@{unset_q} raw='@{unset}'
 exec /usr/bin/real "$@" ${HOME} $1 @@{host_ip} user@host @ @{ @x
 """
@@ -397,7 +403,7 @@ def test_templates(tmp_path: Path) -> None:
     text = (item.data or b"").decode()
     assert "addr=192.168.1.1:7777\n" in text
     assert "note='it'\"'\"'s a $HOME `x` thing'\n" in text
-    assert "peers=(10.0.0.1 10.0.0.2)\n" in text
+    assert "peers=(10.0.0.1 10.0.0.2)\nlines='10.0.0.1\n10.0.0.2'\n" in text
     assert "on=true unset='' raw=''\n" in text
     # shell's own syntax and anything that is not @{param} stays as it is
     assert 'exec /usr/bin/real "$@" ${HOME} $1 @{host_ip} user@host @ @{ @x\n' in text
@@ -516,7 +522,7 @@ def overlay_src(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_overlay_plan(overlay_src: Path) -> None:
-    p = filelayers.plan_overlay(Overlay(source=overlay_src), 0, "recipe.yaml:5")
+    p = filelayers.plan_overlay(OverlaySpec(path=overlay_src), 0, "recipe.yaml:5")
     items = by_name(p)
     m = {n: i.member for n, i in items.items()}
     assert m[b"etc/app/conf"].mode == 0o644  # 0600 in the checkout: normalized
@@ -537,8 +543,8 @@ def test_overlay_plan(overlay_src: Path) -> None:
 
 
 def test_overlay_modes_owners_and_dest(overlay_src: Path) -> None:
-    ov = Overlay(source=overlay_src, dest="/opt/x", uid=5, gid=6,
-                 modes=(("etc/app/conf", 0o640), ("usr/bin/*", 0o4711), ("etc", 0o750)))
+    ov = OverlaySpec(path=overlay_src, dest="/opt/x", uid=5, gid=6,
+                 modes={"etc/app/conf": 0o640, "usr/bin/*": 0o4711, "etc": 0o750})
     p = filelayers.plan_overlay(ov, 1, "recipe.yaml:5")
     items = by_name(p)
     m = {n: i.member for n, i in items.items()}
@@ -551,7 +557,7 @@ def test_overlay_modes_owners_and_dest(overlay_src: Path) -> None:
 
 
 def test_overlay_written_as_a_layer(overlay_src: Path, tmp_path: Path) -> None:
-    p = filelayers.plan_overlay(Overlay(source=overlay_src), 0, "recipe.yaml:5")
+    p = filelayers.plan_overlay(OverlaySpec(path=overlay_src), 0, "recipe.yaml:5")
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     p.write(work)
     stack = h.Stack(tmp_path / "stack")
@@ -575,20 +581,20 @@ def test_overlay_refuses_sockets(tmp_path: Path) -> None:
     try:
         sock.bind(str(src / "sock"))
         with pytest.raises(UserError, match="sockets"):
-            filelayers.plan_overlay(Overlay(source=src), 0, "here")
+            filelayers.plan_overlay(OverlaySpec(path=src), 0, "here")
     finally:
         sock.close()
 
 
 def test_overlay_must_be_a_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="overlay directory not found"):
-        filelayers.plan_overlay(Overlay(source=tmp_path / "nope"), 0, "here")
+        filelayers.plan_overlay(OverlaySpec(path=tmp_path / "nope"), 0, "here")
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="must be a directory"):
-        filelayers.plan_overlay(Overlay(source=tmp_path / "file"), 0, "here")
+        filelayers.plan_overlay(OverlaySpec(path=tmp_path / "file"), 0, "here")
     (tmp_path / "link").symlink_to(tmp_path)
     with pytest.raises(UserError, match="must be a directory"):
-        filelayers.plan_overlay(Overlay(source=tmp_path / "link"), 0, "here")
+        filelayers.plan_overlay(OverlaySpec(path=tmp_path / "link"), 0, "here")
 
 
 def test_element_trees(tmp_path: Path) -> None:
@@ -599,10 +605,15 @@ def test_element_trees(tmp_path: Path) -> None:
     assert all(x.uid == 3 for x in m.values())
 
 
-def test_overlay_template_values_quote_everything() -> None:
+def test_template_values_keep_list_items_apart() -> None:
     vals = filelayers.template_values({"a": "x y", "b": None, "c": [1, "two words"],
                                        "d": False, "e": 5})
     assert vals == {"a": "x y", "a_q": "'x y'", "b": "", "b_q": "''",
-                    "c": "1 two words", "c_q": "'1 two words'", "d": "false", "d_q": "false",
+                    "c": "1\ntwo words", "c_q": "1 'two words'", "d": "false", "d_q": "false",
                     "e": "5", "e_q": "5"}
     assert shlex.split(vals["a_q"]) == ["x y"]
+    # a bash array of a list param has one element per item, spaces and all
+    out = subprocess.run(["bash", "-c", f'arr=({vals["c_q"]}); printf "%s|" "${{arr[@]}}"'],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "1|two words|"
+    assert vals["c"].splitlines() == ["1", "two words"]

@@ -240,7 +240,7 @@ def big_reference(big_area: Path) -> dict[str, str]:
 
 def _writing(out: Path) -> bool:
     """Assembly is under way: the compressed tar in the staging dir has data."""
-    return any(p.stat().st_size > (1 << 20) for p in out.glob(".big.staging-*/rootfs.tar.gz"))
+    return any(p.stat().st_size > (1 << 20) for p in out.glob(".big~staging-*/rootfs.tar.gz"))
 
 
 @pytest.mark.parametrize("signum", SIGNALS)
@@ -263,7 +263,7 @@ def test_signal_during_assembly(signum: int, big_area: Path, big_reference: dict
 def _before_publishing(out: Path) -> bool:
     """Every artifact, manifest.json and SHA256SUMS are complete in staging; the
     rename into place comes next (the build stops itself there, see env)."""
-    return any(out.glob(".big.staging-*/SHA256SUMS"))
+    return any(out.glob(".big~staging-*/SHA256SUMS"))
 
 
 @pytest.mark.parametrize("moment", [pytest.param(_writing, id="assembly"),
@@ -271,17 +271,16 @@ def _before_publishing(out: Path) -> bool:
 def test_sigkill_during_assembly_leaves_no_complete_looking_output(
         moment, big_area: Path, big_reference: dict[str, str], tmp_path: Path) -> None:
     cache, out, r = big_area / "cache", tmp_path / "out", big_area / "big.yaml"
-    env = ({"ROOTFS_BUILD_TEST_STOP_BEFORE_PUBLISH": "1"} if moment is _before_publishing
-           else None)
+    seam = "stop_before_publish" if moment is _before_publishing else None
     run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs",
-                      env=env)
+                      seam=seam)
     run.wait_for(lambda: moment(out), moment.__name__)
-    if env:
+    if seam:
         run.wait_for(lambda: (_stat(run.pid) or (0, "", "", 0))[2] == "T", "the stop")
     run.signal(signal.SIGKILL)
     assert not (out / "big").exists()
     assert not list(out.glob("big*")), list(out.iterdir())
-    assert list(out.glob(".big.staging-*"))  # hidden, and removed by the next build
+    assert list(out.glob(".big~staging-*"))  # hidden, and removed by the next build
     again = run_cli(r, "-o", out, "--cache-dir", cache, "--json")
     assert again.returncode == 0, again.stderr
     assert sums_verify(out / "big")

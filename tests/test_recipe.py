@@ -40,15 +40,16 @@ def test_minimal_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.chdir(tmp_path)
     r = load_recipe(path)
     assert r.name == "dpu"
-    assert r.base_image == tmp_path / "recipes/openEuler-22.03-LTS-x86_64.qcow2"
-    assert (r.base_sha256, r.base_arch, r.base_filesystems, r.epoch) == (None, None, "all", None)
-    assert (r.elements, r.overlays, r.params, r.allow_shadowed) == ((), (), {}, ())
-    assert r.formats == ("tar",)
-    assert (r.image_size, r.image_headroom, r.qcow2_compressed, r.bundle) == (None, 0.2,
-                                                                              False, True)
+    b, o = r.spec.base, r.spec.output
+    assert b.image == tmp_path / "recipes/openEuler-22.03-LTS-x86_64.qcow2"
+    assert (b.sha256, b.arch, b.filesystems, r.spec.epoch) == (None, None, "all", None)
+    assert (r.spec.elements, r.spec.overlays, r.spec.params, r.spec.allow_shadowed) == (
+        (), (), {}, ())
+    assert o.formats == ("tar",)
+    assert (o.size, o.headroom, o.qcow2_compressed, o.bundle) == (None, 0.2, False, True)
     assert r.where("base", "image") == f"{path}:3"
     assert r.where("base", "nothing", 3) == f"{path}:2"
-    assert r.overridden == frozenset()
+    assert r.ctx.overridden == frozenset()
 
 
 def test_full_recipe(tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ epoch: 1700000000
 elements: [libvirt-offload, qtfs]
 overlays:
   - overlay
-  - {path: ../shared/etc, dest: /etc, uid: 0, gid: 10, modes: {"sbin/*": "0750", x: 384}}
+  - {path: ../shared/etc, dest: /etc, uid: 0, gid: 10, modes: {"sbin/*": "0750", x: "600"}}
 params:
   host_ip: 10.0.0.2
   ports: [1, 2]
@@ -78,17 +79,18 @@ output:
   bundle: false
 """)
     r = load_recipe(path)
-    assert r.base_image == Path("/abs/base.qcow2")
-    assert r.base_sha256 == "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
-    assert (r.base_arch, r.base_filesystems, r.epoch) == ("aarch64", "root", 1700000000)
-    assert r.overlays[0].source == tmp_path / "overlay" and r.overlays[0].dest == "/"
-    o = r.overlays[1]
-    assert (o.source, o.dest, o.uid, o.gid) == (tmp_path / "../shared/etc", "/etc", 0, 10)
-    assert o.modes == (("sbin/*", 0o750), ("x", 0o600))
-    assert r.params == {"host_ip": "10.0.0.2", "ports": [1, 2], "none": None}
-    assert r.formats == ("tar.zst", "qcow2")
-    assert r.image_size == int(1.5 * (1 << 30))
-    assert (r.image_headroom, r.qcow2_compressed, r.bundle) == (0.5, True, False)
+    b, out = r.spec.base, r.spec.output
+    assert b.image == Path("/abs/base.qcow2")
+    assert b.sha256 == "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+    assert (b.arch, b.filesystems, r.spec.epoch) == ("aarch64", "root", 1700000000)
+    assert r.spec.overlays[0].path == tmp_path / "overlay" and r.spec.overlays[0].dest == "/"
+    o = r.spec.overlays[1]
+    assert (o.path, o.dest, o.uid, o.gid) == (tmp_path / "../shared/etc", "/etc", 0, 10)
+    assert o.modes == {"sbin/*": 0o750, "x": 0o600}
+    assert r.spec.params == {"host_ip": "10.0.0.2", "ports": [1, 2], "none": None}
+    assert out.formats == ("tar.zst", "qcow2")
+    assert out.size == int(1.5 * (1 << 30))
+    assert (out.headroom, out.qcow2_compressed, out.bundle) == (0.5, True, False)
     assert r.resolve_path("inputs/x.ko", "params", "host_ip") == tmp_path / "inputs/x.ko"
     assert r.resolve_path("/abs/x.ko", "params", "host_ip") == Path("/abs/x.ko")
 
@@ -114,14 +116,14 @@ def test_set_values_resolve_against_the_current_directory(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     r = load_recipe(path, ["base.image=images/other.qcow2", "overlays.1=ov2",
                            "params.g=given.txt"])
-    assert r.base_image == tmp_path / "images/other.qcow2"
-    assert [o.source for o in r.overlays] == [tmp_path / "recipes/ov", tmp_path / "ov2"]
+    assert r.spec.base.image == tmp_path / "images/other.qcow2"
+    assert [o.path for o in r.spec.overlays] == [tmp_path / "recipes/ov", tmp_path / "ov2"]
     assert r.resolve_path("in.txt", "params", "f") == tmp_path / "recipes/in.txt"
     assert r.resolve_path("given.txt", "params", "g") == tmp_path / "given.txt"
     assert r.where("base", "image") == "--set base.image"
     # a whole mapping given with --set: everything in it is relative to cwd
     r = load_recipe(path, ["base={image: b.qcow2, arch: x86_64}"])
-    assert r.base_image == tmp_path / "b.qcow2" and r.base_arch == "x86_64"
+    assert r.spec.base.image == tmp_path / "b.qcow2" and r.spec.base.arch == "x86_64"
 
 
 def test_set_lists_nested_keys_and_indexes(tmp_path: Path) -> None:
@@ -129,17 +131,17 @@ def test_set_lists_nested_keys_and_indexes(tmp_path: Path) -> None:
     r = load_recipe(path, ["output.formats=[tar,tar.zst]", "output.bundle=false",
                            "elements.1=c", "elements.2=d", "epoch=5", "params.x=[1, two]",
                            "description=", "params.empty=~"])
-    assert r.formats == ("tar", "tar.zst")
-    assert r.bundle is False
-    assert r.elements == ("a", "c", "d")
-    assert r.epoch == 5
-    assert r.params == {"x": [1, "two"], "empty": None}
-    assert r.data["description"] == ""
-    assert ("output", "formats") in r.overridden and ("elements", 1) in r.overridden
+    assert r.spec.output.formats == ("tar", "tar.zst")
+    assert r.spec.output.bundle is False
+    assert r.spec.elements == ("a", "c", "d")
+    assert r.spec.epoch == 5
+    assert r.spec.params == {"x": [1, "two"], "empty": None}
+    assert r.spec.description == ""
+    assert ("output", "formats") in r.ctx.overridden and ("elements", 1) in r.ctx.overridden
     # the last --set wins
-    assert load_recipe(path, ["epoch=1", "epoch=2"]).epoch == 2
+    assert load_recipe(path, ["epoch=1", "epoch=2"]).spec.epoch == 2
     # a value YAML cannot read is taken as text
-    assert load_recipe(path, ["params.v=!!int abc", "params.w=*x"]).params == {
+    assert load_recipe(path, ["params.v=!!int abc", "params.w=*x"]).spec.params == {
         "v": "!!int abc", "w": "*x"}
 
 
@@ -148,7 +150,7 @@ def test_set_lists_nested_keys_and_indexes(tmp_path: Path) -> None:
     (["=x"], "--set =x: expected KEY.PATH=VALUE"),
     (["elements.5=x"], "--set elements.5: cannot set elements[5]"),
     (["name.x=1"], None),  # name is replaced by a mapping: a type error below
-    (["epoch=soon"], "--set epoch: epoch: 'soon' is not of type 'integer'"),
+    (["epoch=soon"], "--set epoch: epoch: 'soon' is not an integer"),
     (["output.fomats=[tar]"], "--set output.fomats: unknown key output.fomats "
                               "(did you mean 'formats'?)"),
     (["x.y.z=1"], "--set x.y.z: unknown key x"),
@@ -193,16 +195,16 @@ def test_unknown_keys(tmp_path: Path, text: str, line: int, wanted: str | None) 
 
 
 BAD = {
-    "wrong type": (MINIMAL + "epoch: soon\n", 4, "'soon' is not of type 'integer'"),
+    "wrong type": (MINIMAL + "epoch: soon\n", 4, "epoch: 'soon' is not an integer"),
     "wrong nested type": (MINIMAL + "output:\n  headroom: lots\n", 5, "output.headroom"),
-    "name is a list": ("name: [a]\nbase: {image: a}\n", 1, "is not of type 'string'"),
+    "name is a list": ("name: [a]\nbase: {image: a}\n", 1, "name: a list is not a string"),
     "string for list": (MINIMAL + "elements: libvirt\n", 4, "elements"),
     "mapping expected": ("name: dpu\nbase: a.qcow2\n", 2, "base"),
     "bad name chars": ("name: 'my rootfs'\nbase: {image: a}\n", 1, "may only hold"),
     "name ..": ("name: ..\nbase: {image: a}\n", 1, "may only hold"),
     "bad element name": (MINIMAL + "elements: [a, 'b/c']\n", 4, "elements[1]"),
-    "missing base.image": ("name: dpu\nbase:\n  arch: x86_64\n", 2, "'image' is a required"),
-    "missing name": ("base:\n  image: a\n", 1, "'name' is a required"),
+    "missing base.image": ("name: dpu\nbase:\n  arch: x86_64\n", 2, "base.image is required"),
+    "missing name": ("base:\n  image: a\n", 1, "name is required"),
     "duplicate key": ("name: dpu\nbase:\n  image: a\nname: again\n", 4, "name is given twice"),
     "duplicate nested key": (MINIMAL + "  image: b\n", 4, "base.image is given twice"),
     "alias": ("name: &n dpu\nbase:\n  image: *n\n", 3, "base.image: YAML aliases are not allowed"),
@@ -227,8 +229,12 @@ BAD = {
     "bad size": (MINIMAL + "output:\n  size: lots\n", 5, "not a size"),
     "overlay dest": (MINIMAL + "overlays:\n  - {path: o, dest: /a/../b}\n", 5, "'..'"),
     "overlay mode": (MINIMAL + "overlays:\n  - {path: o, modes: {x: '0999'}}\n", 5, "mode"),
-    "overlay item": (MINIMAL + "overlays:\n  - 5\n", 5, "an overlay is a directory path"),
-    "param name": (MINIMAL + "params:\n  Host: 1\n", 4, "Host"),
+    "overlay item": (MINIMAL + "overlays:\n  - 5\n", 5, "overlays[0].path: 5 is not a path"),
+    "overlay int mode": (MINIMAL + "overlays:\n  - {path: o, modes: {x: 755}}\n", 5,
+                         "755 is a number; write a mode as quoted octal text"),
+    "overlay octal mode": (MINIMAL + "overlays:\n  - {path: o, modes: {x: 0755}}\n", 5,
+                           "493 is a number"),
+    "param name": (MINIMAL + "params:\n  Host: 1\n", 5, "'Host' is not a param name"),
     "param value": (MINIMAL + "params:\n  host: {a: 1}\n", 5, "params.host"),
     "format": (MINIMAL + "output:\n  formats: [tar, zip]\n", 5, "'zip'"),
     "sha256": (MINIMAL + "  sha256: xyz\n", 4, "base.sha256"),
@@ -259,7 +265,7 @@ def test_unreadable_recipes(tmp_path: Path) -> None:
 
 def test_empty_recipe(tmp_path: Path) -> None:
     msg = error_of(write(tmp_path, "# nothing\n"))
-    assert "'name' is a required property" in msg
+    assert "name is required" in msg
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The DPU mount table: what prepare.sh mounts into the rootfs, as data.
 
-The default is the procedure's list (seed/libvirt-offload-procedure.txt,
-3.4.2.3) in its order, with its mistakes fixed: every mount point is created,
-``local/proc`` and ``local/sys`` included, and teardown is derived from what
-was actually mounted instead of a hand-written list.
+The default is the written procedure's list (section 3.4.2.3 of openEuler's
+"Imperceptible Virtualization Management Plane Offload" guide, the manual
+procedure rootfs-build replaces) in its order, with its mistakes fixed:
+every mount point is created, ``local/proc`` and ``local/sys`` included, and
+teardown is derived from what was actually mounted instead of a
+hand-written list.
 
 Elements contribute entries as dicts (type, source, target, options, order);
 ``mount_table`` validates them and merges them with the defaults, sorted by

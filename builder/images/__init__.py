@@ -49,7 +49,6 @@ from .squashfs import SquashfsBuilder
 IMAGE_FORMATS = ("squashfs", "raw", "qcow2")
 FILE_NAMES = {"squashfs": "rootfs.squashfs", "raw": "rootfs.raw", "qcow2": "rootfs.qcow2"}
 BIT_IDENTICAL = "bit-identical"
-CONTENT_IDENTICAL = "content-identical"
 REPRODUCIBILITY = {"squashfs": BIT_IDENTICAL, "raw": BIT_IDENTICAL, "qcow2": BIT_IDENTICAL}
 
 # Labels and UUIDs are uuid5 names in this namespace, so the same recipe
@@ -108,12 +107,12 @@ class ImageSpec:
                             where="output.size")
         label = self.fs_label.encode()
         if len(label) > EXT4_LABEL_MAX or b"\0" in label:
-            raise UserError(f"label {self.fs_label!r} is longer than {EXT4_LABEL_MAX} bytes",
-                            where="output.label")
+            raise UserError(f"ext4 label {self.fs_label!r} is longer than {EXT4_LABEL_MAX} "
+                            "bytes", hint="ImageSpec.label: use at most 16 bytes")
         try:
             uuid.UUID(self.fs_uuid)
         except ValueError:
-            raise UserError(f"{self.uuid!r} is not a UUID", where="output.uuid") from None
+            raise UserError(f"ImageSpec.uuid {self.uuid!r} is not a UUID") from None
 
 
 @dataclasses.dataclass(frozen=True)

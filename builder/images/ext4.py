@@ -35,14 +35,12 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import tarfmt
+from .. import runner, tarfmt
 from ..errors import UserError
-from ..tarfmt import LNK, REG, SYM
-from . import _tools
+from ..tarfmt import LNK, REG
 from .scan import FS_BLOCK, TreeScan, member_xattrs, show
 
 INODE_SIZE = 256
@@ -272,38 +270,10 @@ def _filter(tar_path: Path, out: BinaryIO, scan: TreeScan, fixups: _FixupWriter)
                 xattrs = member_xattrs(m)
                 if xattrs:
                     fixups.set_xattrs(m.name, xattrs)
-            extra = {b"atime": b"%d" % m.mtime, b"ctime": b"%d" % m.mtime}
-            if not (m.name.isascii() and m.linkname.isascii()):
-                extra[b"hdrcharset"] = b"BINARY"
-            m.extra = extra
-            m.xattrs = {}
-            if m.type in (SYM, LNK):
-                out.write(_link_header(m))
-            else:
-                tarfmt.write_member(out, m, _DataReader(reader))  # type: ignore[arg-type]
+            m.acls, m.xattrs = {}, {}
+            tarfmt.write_member(out, m, _DataReader(reader),  # type: ignore[arg-type]
+                                for_libarchive=True)
         out.write(tarfmt.END_OF_ARCHIVE)
-
-
-def _link_header(m: tarfmt.Member) -> bytes:
-    """m's header with a non-empty ustar linkname field.
-
-    A link target too long (or not ASCII) for the ustar field travels in a
-    pax ``linkpath`` record and the field stays empty; libarchive 3.6 then
-    files a symlink's target as a hard link target and mke2fs crashes on
-    the missing symlink target.  Any non-empty field avoids that (the pax
-    record still wins), as GNU tar and Python's tarfile always fill it.
-    """
-    header = tarfmt.encode_header(m)
-    ustar = bytearray(header[-tarfmt.BLOCK:])
-    if ustar[157] != 0:
-        return header
-    ustar[157:157 + len(_LINK_PLACEHOLDER)] = _LINK_PLACEHOLDER
-    ustar[148:156] = b" " * 8
-    ustar[148:156] = b"%06o\0 " % sum(ustar)
-    return header[:-tarfmt.BLOCK] + bytes(ustar)
-
-
-_LINK_PLACEHOLDER = b"././@LongLink"
 
 
 def _debugfs_errors(stderr: bytes) -> list[str]:
@@ -319,11 +289,11 @@ class Ext4Builder:
         self.label = label
         self.uuid = uuid
         self.hash_seed = hash_seed
-        self.mke2fs = _tools.find_tool("mke2fs")
-        self.debugfs = _tools.find_tool("debugfs")
-        self.e2fsck = _tools.find_tool("e2fsck")
-        self.version = _tools.version(self.mke2fs, "-V")
-        if _tools.version_tuple(self.version) < _tools.MIN_E2FSPROGS:
+        self.mke2fs = runner.find_tool("mke2fs")
+        self.debugfs = runner.find_tool("debugfs")
+        self.e2fsck = runner.find_tool("e2fsck")
+        self.version = runner.version(self.mke2fs, "-V")
+        if runner.version_tuple(self.version) < runner.MIN_E2FSPROGS:
             raise UserError(f"e2fsprogs is too old ({self.version}); raw and qcow2 images need "
                             "1.47.1 or newer (mke2fs -d reading a tar)",
                             hint="apt-get install -t bookworm-backports e2fsprogs libarchive13")
@@ -372,7 +342,7 @@ class Ext4Builder:
         }
 
     def _env(self, tmp: Path) -> dict[str, str]:
-        return _tools.tool_env(self.epoch, tmp, E2FSPROGS_FAKE_TIME=str(self.epoch),
+        return runner.tool_env(self.epoch, tmp, E2FSPROGS_FAKE_TIME=str(self.epoch),
                                MKE2FS_CONFIG=str(tmp / "mke2fs.conf"))
 
     def _attempt(self, tar_path: Path, out: Path, tmp: Path, scan: TreeScan,
@@ -394,8 +364,7 @@ class Ext4Builder:
         err_path = tmp / "mke2fs.err"
         with open(tmp / "debugfs.cmds", "wb") as cmds, open(err_path, "wb") as err:
             fixups = _FixupWriter(cmds, values)
-            proc = subprocess.Popen(argv, env=env, cwd=tmp, stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=err)
+            proc = runner.start(argv, env=env, cwd=tmp, stderr=err)
             assert proc.stdin is not None
             try:
                 # BrokenPipeError: mke2fs stopped reading; its exit status says why.
@@ -416,22 +385,21 @@ class Ext4Builder:
         if returncode != 0:
             text = stderr.decode("utf-8", "replace")
             if any(s in text for s in _NO_SPACE):
-                raise _NoSpace(_tools.last_line(stderr))
-            failure = _tools.ToolFailed("ext4 image", "mke2fs", returncode, stderr)
+                raise _NoSpace(runner.last_line(stderr))
+            failure = runner.ToolFailed("ext4 image", "mke2fs", returncode, stderr)
             if "libarchive" in text:
                 failure.hint = "mke2fs reads tars through libarchive: apt-get install libarchive13"
             raise failure
 
-        proc2 = subprocess.run([self.debugfs, "-w", "-f", "debugfs.cmds", str(out)], env=env,
-                               cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, check=False)
+        proc2 = runner.run([self.debugfs, "-w", "-f", "debugfs.cmds", str(out)], env=env,
+                           cwd=tmp, what="ext4 image (setting xattrs)", check=False)
         errors = _debugfs_errors(proc2.stderr)
         if proc2.returncode != 0 or errors:
             text = "\n".join(errors) or proc2.stderr.decode("utf-8", "replace")
             if any(s in text for s in _NO_SPACE):
-                raise _NoSpace(_tools.last_line(text))
-            raise _tools.ToolFailed("ext4 image (setting xattrs)", "debugfs",
+                raise _NoSpace(runner.last_line(text))
+            raise runner.ToolFailed("ext4 image (setting xattrs)", "debugfs",
                                     proc2.returncode, text.encode())
-        _tools.run([self.e2fsck, "-f", "-n", str(out)], env=env, cwd=tmp,
+        runner.run([self.e2fsck, "-f", "-n", str(out)], env=env, cwd=tmp,
                    what="ext4 image check")
         return fixups.count

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import _tools
+from .. import runner
 
 CLUSTER_SIZE = 65536
 
@@ -18,8 +18,8 @@ CLUSTER_SIZE = 65536
 class Qcow2Builder:
     def __init__(self, epoch: int):
         self.epoch = epoch
-        self.qemu_img = _tools.find_tool("qemu-img")
-        self.version = _tools.version(self.qemu_img, "--version")
+        self.qemu_img = runner.find_tool("qemu-img")
+        self.version = runner.version(self.qemu_img, "--version")
 
     def build(self, raw: Path, out: Path, tmp: Path, *, compressed: bool) -> dict:
         out.unlink(missing_ok=True)
@@ -29,7 +29,7 @@ class Qcow2Builder:
         if compressed:
             argv.append("-c")
         argv += [str(raw), str(out)]
-        _tools.run(argv, env=_tools.tool_env(self.epoch, tmp), cwd=tmp, what="qcow2 image")
+        runner.run(argv, env=runner.tool_env(self.epoch, tmp), cwd=tmp, what="qcow2 image")
         return {
             "container": "qcow2",
             "compat": "1.1",

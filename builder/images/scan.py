@@ -21,8 +21,6 @@ EXTENTS_PER_BLOCK = (FS_BLOCK - 12) // 12
 # Room for xattrs inside a 256-byte inode (128 base + 32 extra + 4 magic).
 INODE_XATTR_ROOM = 256 - 128 - 32 - 4 - 4
 XATTR_PREFIXES = (b"security.", b"trusted.", b"user.")
-ACL_KEYS = {b"SCHILY.acl.access": b"system.posix_acl_access",
-            b"SCHILY.acl.default": b"system.posix_acl_default"}
 NAME_MAX = 255
 
 
@@ -53,7 +51,6 @@ class TreeScan:
     dir_blocks: int = 0
     link_targets: set[bytes] = dataclasses.field(default_factory=set)
     acl_paths: list[bytes] = dataclasses.field(default_factory=list)
-    xattr_paths: int = 0  # members carrying xattrs or ACLs
     root_seen: bool = False
     lost_found: bool = False  # the tree has /lost+found
     # Names ext4 fix-ups cannot address through debugfs (newline, CR).
@@ -72,9 +69,8 @@ def xattr_set_size(m: tarfmt.Member) -> int:
     for name, value in m.xattrs.items():
         suffix = name.split(b".", 1)[1] if b"." in name else name
         size += 16 + _round4(len(suffix)) + _round4(len(value))
-    for key, text in m.extra.items():
-        if key in ACL_KEYS:
-            size += 16 + _round4(4 + 8 * (text.count(b",") + 1))
+    for text in m.acls.values():
+        size += 16 + _round4(4 + 8 * (text.count(b",") + 1))
     return size
 
 
@@ -109,11 +105,10 @@ def scan_tar(tar_path: Path) -> TreeScan:
                         f"{show(m.name)}: xattr {key.decode('utf-8', 'backslashreplace')!r} "
                         "has a namespace filesystem images cannot hold",
                         hint="only security.*, trusted.* and user.* xattrs (and ACLs) are kept")
-            acls = [k for k in m.extra if k in ACL_KEYS]
+            acls = list(m.acls)
             if acls:
                 s.acl_paths.append(m.name)
             if m.xattrs or acls:
-                s.xattr_paths += 1
                 if b"\n" in m.name or b"\r" in m.name:
                     s.awkward_names.append(m.name)
                 if xattr_set_size(m) > INODE_XATTR_ROOM:
@@ -146,61 +141,10 @@ def scan_tar(tar_path: Path) -> TreeScan:
     return s
 
 
-# POSIX ACLs: the tar's SCHILY.acl.* text -> the Linux xattr form
-# (system.posix_acl_access/default: version 2, then tag/perm/id entries
-# sorted by tag and id, the order the kernel itself returns).
-_ACL_TAGS = {b"user": 0x01, b"u": 0x01, b"group": 0x04, b"g": 0x04,
-             b"mask": 0x10, b"m": 0x10, b"other": 0x20, b"o": 0x20}
-_ACL_NAMED = {0x01: 0x02, 0x04: 0x08}
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
-
-
-def acl_xattr(text: bytes, where: str) -> bytes:
-    """The system.posix_acl_* xattr value for an ACL in tar text form
-    (``user::rw-,user:1000:r--,group::r--,mask::r--,other::---``; a named
-    entry may carry its numeric id as a 4th field, as star and libarchive
-    write it)."""
-    entries = []
-    for raw in text.replace(b"\n", b",").split(b","):
-        part = raw.split(b"#", 1)[0].strip()
-        if not part:
-            continue
-        fields = part.split(b":")
-        if len(fields) < 3 or fields[0] not in _ACL_TAGS:
-            raise UserError(f"{where}: cannot read ACL entry {part.decode('utf-8', 'replace')!r}")
-        tag = _ACL_TAGS[fields[0]]
-        qualifier = fields[1]
-        perm = 0
-        for ch, bit in ((b"r", 4), (b"w", 2), (b"x", 1)):
-            if ch in fields[2]:
-                perm |= bit
-        ident = _ACL_UNDEFINED_ID
-        if qualifier:
-            if tag not in _ACL_NAMED:
-                raise UserError(f"{where}: ACL entry {part.decode('utf-8', 'replace')!r} "
-                                "cannot name a user or group")
-            tag = _ACL_NAMED[tag]
-            if qualifier.isdigit():
-                ident = int(qualifier)
-            elif len(fields) > 3 and fields[3].isdigit():
-                ident = int(fields[3])
-            else:
-                raise UserError(
-                    f"{where}: ACL entry {part.decode('utf-8', 'replace')!r} names a user or "
-                    "group without its numeric id",
-                    hint="the id cannot be looked up outside the rootfs; use numeric ids")
-        entries.append((tag, perm, ident))
-    entries.sort(key=lambda e: (e[0], e[2]))
-    out = bytearray((2).to_bytes(4, "little"))
-    for tag, perm, ident in entries:
-        out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
-    return bytes(out)
-
-
 def member_xattrs(m: tarfmt.Member) -> dict[bytes, bytes]:
     """Every xattr the member's inode carries, ACLs included (Linux form)."""
     out = dict(m.xattrs)
-    for key, name in ACL_KEYS.items():
-        if key in m.extra:
-            out[name] = acl_xattr(m.extra[key], show(m.name))
+    for key, name in tarfmt.ACL_RECORDS.items():
+        if key in m.acls:
+            out[name] = tarfmt.acl_xattr(m.acls[key], show(m.name))
     return out

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import runner
 from ..errors import UserError
-from . import _tools
 from .scan import TreeScan, show
 
 COMPRESSOR = "gzip"  # every kernel with squashfs has it
@@ -35,8 +35,8 @@ def jobs() -> int:
 class SquashfsBuilder:
     def __init__(self, epoch: int):
         self.epoch = epoch
-        self.tar2sqfs = _tools.find_tool("tar2sqfs")
-        self.version = _tools.version(self.tar2sqfs, "--version")
+        self.tar2sqfs = runner.find_tool("tar2sqfs")
+        self.version = runner.version(self.tar2sqfs, "--version")
 
     def check(self, scan: TreeScan) -> None:
         """Refuse a tree squashfs cannot hold (before any image is built)."""
@@ -56,7 +56,7 @@ class SquashfsBuilder:
                 "--dev-block-size", str(DEV_BLOCK_SIZE),
                 "--num-jobs", str(num_jobs or jobs()), str(out)]
         with open(tar_path, "rb") as f:
-            _tools.run(argv, env=_tools.tool_env(self.epoch, tmp), cwd=tmp, stdin=f,
+            runner.run(argv, env=runner.tool_env(self.epoch, tmp), cwd=tmp, stdin=f,
                        what="squashfs image")
         return {
             "filesystem": "squashfs",

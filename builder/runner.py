@@ -1,9 +1,12 @@
-"""Finding and running the external image tools.
+"""The one way rootfs-build starts a program on the build host.
 
-Every tool runs from an absolute path with an argument list (no shell) and
-an environment built from scratch, so the host's TZ, locale, umask-free
-settings or stray variables (MKE2FS_CONFIG, E2FSPROGS_*) cannot reach the
-bytes of an image.
+Every tool runs from an absolute path (found with `find_tool`, which names
+the Debian package to install when it is missing) with an argument list
+(no shell) and, unless a caller says otherwise, an environment built from
+scratch (`tool_env`), so the host's TZ, locale or stray variables
+(MKE2FS_CONFIG, E2FSPROGS_*) cannot reach the bytes of an output.  `run`
+waits for a tool and turns a failure into one line (ToolFailed); `start`
+hands back a running process for streaming into it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from ..errors import UserError
+from .errors import UserError
 
 # tool -> (Debian package, how to install it)
 PACKAGES = {
+    "gcc": ("gcc", "apt-get install gcc libc6-dev"),
+    "patch": ("patch", "apt-get install patch"),
+    "ldd": ("libc-bin", "apt-get install libc-bin"),
     "tar2sqfs": ("squashfs-tools-ng", "apt-get install squashfs-tools-ng"),
     "mke2fs": ("e2fsprogs", "apt-get install -t bookworm-backports e2fsprogs libarchive13"),
     "debugfs": ("e2fsprogs", "apt-get install -t bookworm-backports e2fsprogs"),
@@ -35,12 +41,12 @@ _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 
 
-def find_tool(name: str) -> str:
+def find_tool(name: str, needed_for: str = "image outputs") -> str:
     """Absolute path of `name`, or a UserError naming the package to install."""
     path = shutil.which(name, path=_SEARCH_PATH)
     if path is None:
         package, how = PACKAGES[name]
-        raise UserError(f"{name} is not installed; image outputs need it",
+        raise UserError(f"{name} is not installed; {needed_for} need it",
                         hint=f"install the Debian package {package}: {how}")
     return path
 
@@ -66,16 +72,26 @@ def last_line(text: bytes | str) -> str:
     return lines[-1] if lines else "(no message)"
 
 
-def run(argv: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
-        stdin: IO[bytes] | None = None, what: str) -> subprocess.CompletedProcess[bytes]:
-    """Run a tool to completion; a non-zero exit becomes a UserError with its
-    last stderr line."""
+def run(argv: Sequence[str], *, env: dict[str, str] | None, cwd: Path | None = None,
+        stdin: IO[bytes] | None = None, what: str, check: bool = True
+        ) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool to completion, output captured; with `check` a non-zero exit
+    becomes a UserError with its last stderr line.  `env=None` keeps the
+    caller's environment (for tools whose output is not an artifact)."""
     proc = subprocess.run(list(argv), env=env, cwd=cwd,
                           stdin=stdin if stdin else subprocess.DEVNULL,
                           capture_output=True, check=False)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise ToolFailed(what, Path(argv[0]).name, proc.returncode, proc.stderr or proc.stdout)
     return proc
+
+
+def start(argv: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
+          stdout: IO[bytes] | int | None = subprocess.DEVNULL,
+          stderr: IO[bytes] | int | None = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start a tool that reads its stdin from the caller (a pipe)."""
+    return subprocess.Popen(list(argv), env=env, cwd=cwd, stdin=subprocess.PIPE,
+                            stdout=stdout, stderr=stderr)
 
 
 class ToolFailed(UserError):
