@@ -26,8 +26,50 @@ from .spec import load as load_table
 PROJECT_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
 IMPLICIT_ELEMENT = "rootfs-base"  # provides diskimage-builder's "operating-system"
 RUN_PHASES = ("pre-install.d", "install.d", "post-install.d")
+# diskimage-builder runs these on the build host (or around the disk image):
+# refused, never run.
 HOST_PHASES = ("root.d", "extra-data.d", "block-device.d", "cleanup.d", "finalise.d",
-               "pre-finalise.d", "environment.d")
+               "pre-finalise.d", "post-root.d")
+
+# What an element directory may hold, and what rootfs-build does with it.
+# Anything else is refused unless it is data for the element's own scripts
+# (the element has in-rootfs phases: its whole directory is copied to the
+# hooks tree they run from) or a file element.yaml names.
+ELEMENT_CONTENT = {
+    "element-deps": "dependencies, resolved with diskimage-builder's resolver",
+    "element-provides": "virtual elements this one provides",
+    "element.yaml": "rootfs-build's declarations (builder/element_spec.py)",
+    "pre-install.d": "scripts run inside the rootfs, phase by phase across elements",
+    "install.d": "scripts run inside the rootfs, phase by phase across elements",
+    "post-install.d": "scripts run inside the rootfs, phase by phase across elements",
+    "environment.d": "sourced (inside the appliance) before each phase",
+    "bin": "on PATH while the phases run",
+    "static": "copied into the rootfs like an overlay",
+}
+# Known not to matter for the rootfs: documentation and diskimage-builder's
+# own tests and Python package files.
+ELEMENT_ALLOWED = ("README", "README.rst", "README.md", "releasenotes", "tests",
+                   "test-elements", "__init__.py", "__pycache__")
+# diskimage-builder features rootfs-build does not provide, and why.
+ELEMENT_UNSUPPORTED = {
+    "source-repository-": "it fetches sources on the build host at build time; give them "
+                          "as file params or an install tree instead",
+    "svc-map": "service name mapping is not supported; enable units from a script "
+               "(systemctl enable) or an overlay",
+    "binary-deps.d": "ramdisk images are not built by rootfs-build",
+    "init.d": "ramdisk images are not built by rootfs-build",
+    "ramdisk-install.d": "ramdisk images are not built by rootfs-build",
+    "block-device-": "rootfs-build writes a filesystem, not a partitioned disk",
+}
+
+
+def dib_elements_dir() -> Path | None:
+    """diskimage-builder's own elements, searched last as disk-image-create does."""
+    try:
+        from diskimage_builder import paths
+    except ImportError:
+        return None
+    return Path(paths.get_path("elements"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +132,14 @@ class ElementSet:
 
 
 def search_path(recipe: Recipe) -> list[Path]:
+    """The recipe's elements/, ELEMENTS_PATH, this project's elements, then
+    diskimage-builder's (an earlier directory's element of a name wins)."""
     paths = [recipe.directory / "elements"]
     paths += [Path(p) for p in os.environ.get("ELEMENTS_PATH", "").split(":") if p]
     paths.append(PROJECT_ELEMENTS)
+    dib = dib_elements_dir()
+    if dib is not None:
+        paths.append(dib)
     out: list[Path] = []
     for p in paths:
         if p.is_dir() and p.resolve() not in [q.resolve() for q in out]:
@@ -133,13 +180,7 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
         raise UserError(f"element '{missing}' not found (required by {who})",
                         hint="searched " + ", ".join(map(str, paths))) from None
     except dib.AlreadyProvidedException as e:
-        # dib's message is empty when a listed element is also provided by another one
-        detail = str(e) or "; ".join(
-            f"{name}: also provided by {', '.join(providers)}" for name in requested
-            if (providers := [d.name for base in paths for d in sorted(base.iterdir())
-                        if d.is_dir() and name in _deps_file(d / "element-provides")]))
-        raise UserError(f"{recipe.where('elements')}: an element is provided twice: {detail}",
-                        hint="drop one of the elements that provide it") from None
+        raise _provided_twice(recipe, requested, paths, str(e)) from None
     except dib.MissingOSException:
         raise UserError(f"element '{IMPLICIT_ELEMENT}' must provide 'operating-system'",
                         hint=f"check {PROJECT_ELEMENTS / IMPLICIT_ELEMENT}") from None
@@ -148,7 +189,101 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
     provided = {p: name for name, path in by_name.items()
                 for p in _deps_file(path / "element-provides")}
     order = _topo_order(requested, by_name, deps, provided)
-    return [load_element(name, by_name[name]) for name in order]
+    chains = _chains(requested, deps, provided)
+    out = []
+    for name in order:
+        el = load_element(name, by_name[name])
+        check_element_content(el, chains.get(name, [name]))
+        out.append(el)
+    return out
+
+
+def _chains(requested: list[str], deps: dict[str, set[str]],
+            provided: dict[str, str]) -> dict[str, list[str]]:
+    """For each element, the shortest chain of element-deps from an element
+    the recipe asked for (breadth first, names sorted)."""
+    chains = {name: [name] for name in requested}
+    queue = list(requested)
+    while queue:
+        name = queue.pop(0)
+        for dep in sorted(deps.get(name, ())):
+            dep = provided.get(dep, dep)
+            if dep not in chains:
+                chains[dep] = [*chains[name], dep]
+                queue.append(dep)
+    return chains
+
+
+def pulled_in(chain: list[str]) -> str:
+    """' (pulled in by a -> b)' for an element that came as a dependency."""
+    return f" (pulled in by {' -> '.join(chain[:-1])})" if len(chain) > 1 else ""
+
+
+def _provided_twice(recipe: Recipe, requested: list[str], paths: list[Path],
+                    detail: str) -> UserError:
+    """The one line for two elements providing one name, with the chain of
+    element-deps that brought the second one in."""
+    from diskimage_builder import element_dependencies as dib
+
+    all_elements = dib._find_all_elements(":".join(str(p) for p in paths))
+    deps = {n: set(e.depends) for n, e in all_elements.items()}
+    provides = {n: set(e.provides) for n, e in all_elements.items()}
+    chains = _chains(requested, deps, {})
+    virtual = detail.split(":", 1)[0].strip() if detail else ""
+    clashes = [virtual] if virtual else [n for n in requested if any(
+        n in provides[m] for m in chains if m in provides)]
+    parts = []
+    for name in clashes:
+        providers = sorted(m for m in chains if name in provides.get(m, ()))
+        shown = " and by ".join(f"{m}{pulled_in(chains[m])}" for m in providers)
+        if name in requested and name not in providers:
+            parts.append(f"{name} is listed in the recipe and also provided by {shown}")
+        else:
+            parts.append(f"{name} is provided by {shown}")
+    hint = "drop one of the elements that provide it"
+    if "operating-system" in clashes:
+        hint = ("the base image is the operating system (rootfs-base provides it): drop the "
+                "element that brings another one in")
+    return UserError(f"{recipe.where('elements')}: an element is provided twice: "
+                     + "; ".join(parts), hint=hint)
+
+
+def check_element_content(el: Element, chain: list[str]) -> None:
+    """Nothing in an element is silently ignored: every entry is something
+    rootfs-build acts on (ELEMENT_CONTENT), known-harmless (ELEMENT_ALLOWED),
+    data for the element's own scripts, or a file element.yaml names; host
+    phases and unsupported diskimage-builder features are refused."""
+    has_scripts = any((el.path / p).is_dir() for p in RUN_PHASES)
+    named = _named_by_yaml(el)
+    for entry in sorted(el.path.iterdir()):
+        name = entry.name
+        if name in ELEMENT_CONTENT or name in ELEMENT_ALLOWED or name.endswith(".pyc"):
+            continue
+        if name in HOST_PHASES:
+            raise UserError(f"{entry}: phase {name} of element {el.name}{pulled_in(chain)} "
+                            "would run on the build host",
+                            hint="rootfs-build runs element scripts only inside the rootfs "
+                                 "(pre-install.d, install.d, post-install.d); drop the "
+                                 "element or move the script there")
+        for prefix, why in ELEMENT_UNSUPPORTED.items():
+            if name == prefix or (prefix.endswith("-") and name.startswith(prefix)):
+                raise UserError(f"{entry}: element {el.name}{pulled_in(chain)} uses "
+                                f"{prefix.rstrip('-') + '*' if prefix.endswith('-') else name}"
+                                ", which rootfs-build does not support",
+                                hint=why)
+        if name in named or has_scripts:
+            continue  # data its scripts read, or a file element.yaml places
+        raise UserError(f"{entry}: element {el.name}{pulled_in(chain)} has {name}, which "
+                        "rootfs-build would not use (nothing in the element reads it)",
+                        hint="remove it, or say with element.yaml what it is for; "
+                             "see 'Elements' in README.md")
+
+
+def _named_by_yaml(el: Element) -> set[str]:
+    """Top-level entries of the element directory that element.yaml names."""
+    s = el.spec
+    srcs = [f.src for f in s.files] + [t.src for t in s.templates] + [t.src for t in s.trees]
+    return {Path(src).parts[0] for src in srcs if not src.startswith("@") and Path(src).parts}
 
 
 def _topo_order(requested: list[str], by_name: dict[str, Path], deps: dict[str, set[str]],
@@ -180,11 +315,6 @@ def _topo_order(requested: list[str], by_name: dict[str, Path], deps: dict[str, 
 
 def load_element(name: str, path: Path) -> Element:
     yaml_path = path / "element.yaml"
-    for phase in HOST_PHASES:
-        if (path / phase).exists():
-            raise UserError(f"{path / phase}: phase {phase} would run on the build host",
-                            hint="rootfs-build runs element scripts only inside the rootfs "
-                                 "(pre-install.d, install.d, post-install.d)")
     if not yaml_path.exists():
         return Element(name, path, ElementSpec(), Context(yaml_path, {}, "element.yaml"))
     data, marks = load_yaml(yaml_path, "element.yaml")

@@ -303,4 +303,10 @@ def plan_element(el: Element, es: ElementSet) -> FilePlan:
         plan.inputs.update(sub.inputs)
     for i, path in enumerate(spec.deletions):
         plan.deletions.append(dest_name(path, where=el.where("deletions", i)))
+    static = el.path / "static"
+    if static.is_dir() and not static.is_symlink():
+        # diskimage-builder's static/: copied into the rootfs like an overlay
+        sub = plan_overlay(OverlaySpec(path=static), 0, str(static))
+        plan.items += sub.items
+        plan.inputs.update(sub.inputs)
     return plan

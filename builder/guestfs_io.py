@@ -71,11 +71,15 @@ umount /sysroot
 umount /run/rb/lower
 umount /run/rb/upperfs
 """
+# Run with an empty environment (bash's `exec -c`): the appliance's own
+# variables (root=/sysroot, RUNLEVEL=S, ...) never reach the scripts; they
+# get exactly these and the step's.
+RUN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C", "LC_ALL": "C", "TZ": "UTC", "HOME": "/root", "SHELL": "/bin/bash",
+           "TMPDIR": "/tmp"}
 _RUN_SH = f"""#!/bin/bash
 set -eu
 exec >>{RUN_DIR}/log 2>&1
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export LANG=C LC_ALL=C TZ=UTC HOME=/root
 @EXPORTS@
 cd /
 for script in {RUN_DIR}/scripts/*; do
@@ -621,10 +625,11 @@ class Appliance:
             path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
             self.call("write", path, data)
             self.call("chmod", 0o755, path)
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+        exports = "".join(f"export {k}={shlex.quote(v)}\n"
+                          for k, v in sorted({**RUN_ENV, **env}.items()))
         self.call("write", f"{RUN_DIR}/run.sh", _RUN_SH.replace("@EXPORTS@\n", exports))
         try:
-            self.call("command", ["/bin/bash", f"{RUN_DIR}/run.sh"])
+            self.call("command", ["/bin/bash", "-c", f"exec -c /bin/bash {RUN_DIR}/run.sh"])
         except ApplianceError:
             if self._killed_for is not None:  # timed out: qemu is gone, say so
                 raise

@@ -11,6 +11,7 @@ directory for values given with --set.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,6 +65,21 @@ def _param_value(value: Any) -> Any:
                                      and all(isinstance(v, scalar) for v in value)):
         return value
     raise ValueError(f"{type(value).__name__} value: a param is a scalar or a list of scalars")
+
+
+def _dib_var(value: str) -> str:
+    if not re.fullmatch(r"DIB_[A-Z0-9_]+|DISTRO_NAME|ARCH", value):
+        raise ValueError(f"{value!r} is not a diskimage-builder variable (DIB_*, DISTRO_NAME, "
+                         "ARCH)")
+    return value
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ValueError(f"{type(value).__name__} value: give a string or a number")
 
 
 InputPath = Annotated[Path, Check(_input_path, "path", with_context=True)]
@@ -129,6 +145,11 @@ class RecipeSpec:
         (), doc="rootfs paths an element or overlay may fill although a deployment "
                 "mount hides them at run time (see Shadowed paths)")
     output: OutputSpec = field(OutputSpec(), doc="what to write")
+    dib_env: dict[Annotated[str, Check(_dib_var, "variable")],
+                  Annotated[Any, Check(_env_text, "text")]] = field(
+        factory=dict, doc="diskimage-builder variables for the elements' scripts "
+                          "(DIB_*, DISTRO_NAME, ARCH); they override the defaults taken from "
+                          "the base image", example="{DIB_RELEASE: 22.03-LTS}")
 
 
 @dataclasses.dataclass(frozen=True)

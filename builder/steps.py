@@ -320,7 +320,6 @@ class PhasesStep:
     across all elements, the way `disk-image-create` runs them."""
 
     kind = "run"
-    phase = "running the elements' scripts"
 
     def __init__(self, hooks: FilePlan, inputs: FilePlan, runs: list[PhaseRun],
                  env: dict[str, str], network: bool, timeout: float | None,
@@ -331,10 +330,13 @@ class PhasesStep:
         self.env = env
         self.network = network
         self.timeout = timeout
-        self.label = "phases " + ", ".join(f"{r.phase}: {len(r.scripts)}" for r in runs
-                                           if r.scripts) + f" ({', '.join(elements)})"
+        scripts = [f"{r.phase}/{s}" for r in runs for s in r.scripts]
+        self.label = (f"element{'s' if len(elements) > 1 else ''} {', '.join(elements)} "
+                      f"({', '.join(scripts)})")
+        self.phase = f"running {self.label}"
         self._records: list[LayerRecord] = []
         self._epoch = 0
+        self._env: dict[str, str] = {}
 
     @classmethod
     def plan(cls, es: ElementSet, ctx: StepContext) -> PhasesStep | None:
@@ -431,8 +433,8 @@ class PhasesStep:
         """The bash script that runs the phases in the appliance: per phase,
         in a subshell, source environment.d then run each script (as
         dib-run-parts does)."""
-        lines = ["#!/bin/bash", "set -eu", f"hooks={HOOKS_DIR}",
-                 'export TMP_HOOKS_PATH="$hooks"', 'export PATH="$PATH:$hooks/bin"']
+        lines = ["#!/bin/bash", "set -eu", 'hooks="$TMP_HOOKS_PATH"',
+                 'export PATH="$PATH:$hooks/bin"']
         for run in self.runs:
             if not run.scripts:
                 continue
@@ -452,7 +454,11 @@ class PhasesStep:
         self.check_arch(ctx.base_info["arch"], str(ctx.recipe.path))
         for plan in (self.hooks, self.inputs):
             FileStep(plan).key(ctx)
-        env = {**self.env, "SOURCE_DATE_EPOCH": str(self._epoch)}
+        self._env = {**dib_environment(ctx.base_info.get("os_release", {}),
+                                       ctx.base_info["arch"]),
+                     **ctx.recipe.spec.dib_env, **self.env,
+                     "TMP_HOOKS_PATH": HOOKS_DIR, "SOURCE_DATE_EPOCH": str(self._epoch)}
+        env = self._env
         return digest({"kind": "run", "format": FORMAT_VERSION,
                        "below": [r.key for r in self._records], "epoch": self._epoch,
                        "hooks": self.hooks.key(), "inputs": self.inputs.key(),
@@ -482,14 +488,32 @@ class PhasesStep:
                 while chunk := f.read(1 << 20):
                     sink.write(chunk)
 
-        env = {**self.env, "SOURCE_DATE_EPOCH": str(epoch)}
         with app:
-            summary = app.run_in_tree(produce, [("phases", self.driver())], env, consume,
+            summary = app.run_in_tree(produce, [("phases", self.driver())], self._env, consume,
                                       step=self.label, files=produce_files)
         return {"summary": summary, "runs": [dataclasses.asdict(r) for r in self.runs]}
 
     def done(self, ctx: StepContext, rec: LayerRecord) -> None:
         pass
+
+
+# diskimage-builder names architectures as Debian does (lib/common-defaults).
+DIB_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i386": "i386", "ppc64le": "ppc64el"}
+
+
+def dib_environment(os_release: dict[str, str], arch: str) -> dict[str, str]:
+    """The variables diskimage-builder defines for element scripts, as the
+    base image says them (the recipe's dib_env overrides any of them)."""
+    distro = os_release.get("ID", "").lower()
+    if distro in ("debian", "ubuntu"):
+        release = os_release.get("VERSION_CODENAME", "")
+    else:
+        release = os_release.get("VERSION_ID", "")
+        if distro == "openeuler" and "LTS" in os_release.get("VERSION", ""):
+            release += "-LTS"  # openeuler-minimal's naming: 22.03-LTS
+    dib_arch = DIB_ARCH.get(arch, "armhf" if arch.startswith("armv") else arch)
+    return {"DISTRO_NAME": distro, "DIB_RELEASE": release, "ARCH": dib_arch,
+            "DIB_ARCH": dib_arch, "DIB_DEFAULT_INSTALLTYPE": "source", "DIB_DEBUG_TRACE": "0"}
 
 
 def _file_plan(path: Path, dest: str) -> FilePlan:

@@ -104,7 +104,7 @@ def test_provides(tmp_path: Path) -> None:
     assert msg.startswith(f"{tmp_path / 'recipe.yaml'}:4: an element is provided twice: ")
     assert "virtual" in msg and "impl-a" in msg
     msg = error(tmp_path, ["impl-a", "virtual"])
-    assert "virtual: also provided by impl-a" in msg
+    assert "virtual is listed in the recipe and also provided by impl-a" in msg
     # nothing provides it
     assert "element 'virtual' not found (required by element-deps of user)" in error(
         tmp_path, ["user"])
@@ -116,11 +116,17 @@ def test_operating_system_is_provided_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("phase", ["root.d", "extra-data.d", "cleanup.d", "finalise.d",
-                                   "block-device.d", "environment.d"])
+                                   "block-device.d", "pre-finalise.d"])
 def test_host_phases_are_refused(tmp_path: Path, phase: str) -> None:
     make_element(tmp_path / "elements", "a", files={f"{phase}/10-run": "#!/bin/sh\n"})
     msg = error(tmp_path, ["a"])
-    assert f"{tmp_path / 'elements/a' / phase}: phase {phase} would run on the build host" in msg
+    assert (f"{tmp_path / 'elements/a' / phase}: phase {phase} of element a would run on "
+            "the build host") in msg
+    # through a dependency, the message names the chain that pulled it in
+    make_element(tmp_path / "elements", "top", deps=["mid"])
+    make_element(tmp_path / "elements", "mid", deps=["a"])
+    msg = error(tmp_path, ["top"])
+    assert f"phase {phase} of element a (pulled in by top -> mid) would run" in msg
 
 
 def test_run_scripts(tmp_path: Path) -> None:
@@ -457,9 +463,10 @@ deletions: [/etc/motd]
 def test_element_sources_stay_in_the_element(tmp_path: Path, src: str) -> None:
     (tmp_path / "outside").write_text("secret")
     d = make_element(tmp_path / "elements", "a", files={"files/x": "x"})
-    (d / "link-out").symlink_to(tmp_path)
+    if src.startswith("link-out"):
+        (d / "link-out").symlink_to(tmp_path)
     with pytest.raises(UserError, match="must stay inside the element directory"):
-        plan(tmp_path, f"files:\n  - {{src: '{src}', dest: /x}}\n")
+        plan(tmp_path, f"files:\n  - {{src: files/x, dest: /ok}}\n  - {{src: '{src}', dest: /x}}\n")
 
 
 def test_source_param_must_be_a_file_param(tmp_path: Path) -> None:
