@@ -35,6 +35,7 @@ from . import (
     filelayers,
     generators,
     outputs,
+    shipped,
     sources,
     steps,
     ui,
@@ -307,7 +308,8 @@ class Builder:
         return {
             "name": r.name,
             "tool": {"name": "rootfs-build", "version": __version__,
-                     "format_version": FORMAT_VERSION, **outputs.compression_versions()},
+                     "format_version": FORMAT_VERSION, "elements": shipped.elements_digest(),
+                     **outputs.compression_versions()},
             "recipe": {"file": r.path.name, "sha256": sha256_file(r.path)},
             "base": {"image": r.data["base"]["image"],
                      "sha256": ctx.inputs["base.image"]["sha256"],

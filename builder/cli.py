@@ -25,6 +25,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kw: Any) -> None:
+        from . import shipped
+        print(f"rootfs-build {__version__} (elements {shipped.elements_digest()})")
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true",
@@ -55,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
         prog="rootfs-build",
         description="Build a reproducible libvirt-offload rootfs for a DPU from an openEuler "
                     "qcow2.  'rootfs-build RECIPE' is short for 'rootfs-build build RECIPE'.")
-    p.add_argument("--version", action="version", version=f"rootfs-build {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="show the version and the shipped element set's digest")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("build", parents=[common, recipe_opts, build_opts, cache_opts],
                    help="build a recipe into DIR/<name>/")

@@ -25,9 +25,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import runner, sampleimage, ui
+from . import runner, sampleimage, shipped, ui
 
-SHIPPED = Path(__file__).resolve().parent.parent   # recipes/ and overlays/ live here
 RECIPE = "recipes/demo.yaml"
 OVERLAY = "overlays/demo"
 INPUTS = "recipes/demo-inputs"
@@ -102,7 +101,8 @@ def prepare(workdir: Path) -> Path:
     recipe's path.  The recipe and overlay are refreshed from the shipped
     copies on every call, the inputs made only when missing."""
     for rel in (RECIPE, OVERLAY):
-        src, dest = SHIPPED / rel, workdir / rel
+        kind, _, name = rel.partition("/")
+        src, dest = shipped.path(kind) / name, workdir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         staged = dest.with_name(f".{dest.name}.new")
         if src.is_dir():

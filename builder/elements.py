@@ -17,13 +17,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import shipped
 from .element_spec import PARAM_TYPES, ElementSpec, ParamDecl, holds
 from .errors import UserError
 from .recipe import Recipe
 from .spec import Context, load_yaml
 from .spec import load as load_table
 
-PROJECT_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
 IMPLICIT_ELEMENT = "rootfs-base"  # provides diskimage-builder's "operating-system"
 RUN_PHASES = ("pre-install.d", "install.d", "post-install.d")
 # diskimage-builder runs these on the build host (or around the disk image):
@@ -132,19 +132,34 @@ class ElementSet:
 
 
 def search_path(recipe: Recipe) -> list[Path]:
-    """The recipe's elements/, ELEMENTS_PATH, this project's elements, then
-    diskimage-builder's (an earlier directory's element of a name wins)."""
-    paths = [recipe.directory / "elements"]
-    paths += [Path(p) for p in os.environ.get("ELEMENTS_PATH", "").split(":") if p]
-    paths.append(PROJECT_ELEMENTS)
+    """The recipe's elements/ (when it has one), ELEMENTS_PATH, the shipped
+    elements, then diskimage-builder's (an earlier directory's element of a
+    name wins).  An ELEMENTS_PATH entry that is not a readable directory is
+    an error; empty entries are skipped."""
+    paths = [recipe.directory / "elements"] if (recipe.directory / "elements").is_dir() else []
+    for entry in os.environ.get("ELEMENTS_PATH", "").split(":"):
+        if entry:
+            paths.append(_readable_dir(Path(entry), f"ELEMENTS_PATH entry {entry}",
+                                       "fix ELEMENTS_PATH (directories of elements, "
+                                       "separated by ':')"))
+    paths.append(_readable_dir(shipped.path("elements"), "the shipped elements",
+                               "reinstall rootfs-build"))
     dib = dib_elements_dir()
-    if dib is not None:
+    if dib is not None and dib.is_dir():
         paths.append(dib)
     out: list[Path] = []
     for p in paths:
-        if p.is_dir() and p.resolve() not in [q.resolve() for q in out]:
+        if p.resolve() not in [q.resolve() for q in out]:
             out.append(p)
     return out
+
+
+def _readable_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{what}: {path} is not a directory", hint=hint)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"{what}: {path} is not readable", hint=hint)
+    return path
 
 
 def _deps_file(path: Path) -> set[str]:
@@ -183,7 +198,7 @@ def resolve_elements(recipe: Recipe) -> list[Element]:
         raise _provided_twice(recipe, requested, paths, str(e)) from None
     except dib.MissingOSException:
         raise UserError(f"element '{IMPLICIT_ELEMENT}' must provide 'operating-system'",
-                        hint=f"check {PROJECT_ELEMENTS / IMPLICIT_ELEMENT}") from None
+                        hint=f"check {shipped.path('elements') / IMPLICIT_ELEMENT}") from None
     by_name = {name: Path(path) for name, path in found}
     deps = {name: _deps_file(path / "element-deps") for name, path in by_name.items()}
     provided = {p: name for name, path in by_name.items()

@@ -236,7 +236,8 @@ def _shell_script_as_rexec(tmp: Path) -> tuple[dict[str, str], list[str]]:
 def _aarch64_qtfs_ko(tmp: Path) -> tuple[dict[str, str], list[str]]:
     ko = tmp / "qtfs.ko"  # the right vermagic, the wrong machine
     ko.write_bytes(sampleimage.fake_module("qtfs", "5.10.0-60.18.0.50.oe2203.x86_64", 183))
-    return {"qtfs_ko": str(ko)}, [f"{ko} is built for aarch64, but the DPU rootfs is x86_64"]
+    return {"qtfs_ko": str(ko)}, [
+        f"params.qtfs_ko: {ko} is built for aarch64, but the rootfs is x86_64"]
 
 
 @pytest.mark.appliance

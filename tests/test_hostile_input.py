@@ -131,7 +131,8 @@ ESCAPES = {
                         ["{e}/element.yaml:2:", "'/../x'"]),
     "element deletion": ("deletions: [/../etc]\n", ["{e}/element.yaml:1:", "'/../etc'"]),
     "element src outside the element": ("files:\n  - {src: ../../../../etc/passwd, "
-                                        "dest: /x}\n",
+                                        "dest: /x}\n  - {src: f, dest: /f}\n"
+                                        "trees:\n  - {src: d, dest: /d}\n",
                                         ["{e}/element.yaml:2:", "stay inside the element"]),
     "overlay dest": (None, ["{r}:5:", "'/srv/../../x'"]),
 }

@@ -323,4 +323,4 @@ def test_host_phase_scripts_are_refused(tmp_path: Path) -> None:
                                                "elements: [hosty]\n")
     res = run_cli("validate", recipe)
     assert res.returncode != 0
-    assert "root.d would run on the build host" in res.stderr
+    assert "phase root.d of element hosty would run on the build host" in res.stderr
