@@ -31,7 +31,9 @@ PRETTY_NAME="openEuler 22.03 LTS"
 ANSI_COLOR="0;31"
 """
 
-HOST_TOOLS = ("bash", "env", "cat", "ls", "mkdir", "touch", "rm", "sleep", "id")
+# Enough of a userland for element scripts (diskimage-builder's included).
+HOST_TOOLS = ("bash", "env", "cat", "ls", "mkdir", "touch", "rm", "sleep", "id", "sed",
+              "grep", "install")
 
 SPARSE_SIZE = 48 << 20
 SPARSE_DATA = [(4 << 20, b"middle"), (SPARSE_SIZE - 5, b"tail\n")]

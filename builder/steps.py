@@ -509,7 +509,8 @@ def dib_environment(os_release: dict[str, str], arch: str) -> dict[str, str]:
         release = os_release.get("VERSION_CODENAME", "")
     else:
         release = os_release.get("VERSION_ID", "")
-        if distro == "openeuler" and "LTS" in os_release.get("VERSION", ""):
+        if distro == "openeuler" and "LTS" in (os_release.get("VERSION", "")
+                                               + os_release.get("PRETTY_NAME", "")):
             release += "-LTS"  # openeuler-minimal's naming: 22.03-LTS
     dib_arch = DIB_ARCH.get(arch, "armhf" if arch.startswith("armv") else arch)
     return {"DISTRO_NAME": distro, "DIB_RELEASE": release, "ARCH": dib_arch,

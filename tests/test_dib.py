@@ -126,12 +126,20 @@ def _dib_elements(root: Path) -> Path:
     return e
 
 
+# Real elements of the installed diskimage-builder (not copies), with a small
+# element of ours making the directories they expect in a real distribution.
+DIB_ELEMENTS = ["selinux-permissive", "disable-selinux", "journal-to-console",
+                "cloud-init-nocloud", "install-bin", "sysctl"]
+
+
 def _recipe(root: Path, image: Path, order: list[str]) -> Path:
+    make_element(root / "elements", "distro-dirs",
+                 spec="dirs:\n  - {path: /etc/selinux}\n  - {path: /etc/cloud/cloud.cfg.d}\n")
     return write_recipe(root / "dib.yaml", f"""\
 name: dib
 base: {{image: {image}}}
 epoch: 1700000000
-elements: [{", ".join(order)}]
+elements: [distro-dirs, {", ".join(order)}]
 dib_env: {{DIB_RELEASE: testrel}}
 """)
 
@@ -141,7 +149,7 @@ def test_phases_run_across_elements_as_dib_runs_them(tmp_path: Path, demo_inputs
                                                       demo_build: Build) -> None:
     image = demo_inputs.parent / "demo-inputs" / "openEuler-22.03-LTS-demo-x86_64.qcow2"
     _dib_elements(tmp_path)
-    first = _recipe(tmp_path, image, ["order-a", "order-b"])
+    first = _recipe(tmp_path, image, ["order-a", "order-b", *DIB_ELEMENTS])
     res = run_cli(first, "-o", tmp_path / "out", "--cache-dir", demo_build.cache, "--json")
     assert res.returncode == 0, res.stderr
     assert res.json["appliance_launches"] == 1  # the base layer is the demo's
@@ -157,12 +165,26 @@ def test_phases_run_across_elements_as_dib_runs_them(tmp_path: Path, demo_inputs
                    "root": "unset", "RUNLEVEL": "unset", "PARAM_GREETING": "hello there",
                    "SOURCE_DATE_EPOCH": "1700000000"}
     assert tar["./usr/share/dib-test/static.txt"][1] == b"static content\n"
+    # diskimage-builder's own elements did what they do in DIB: selinux-
+    # permissive (pre-install) then disable-selinux (post-install) gives
+    # "disabled" whatever the recipe's order; cloud-init-nocloud's
+    # environment.d reaches cloud-init-datasources' script; install-bin
+    # installs every element's bin/ (sysctl's helpers among them)
+    selinux = tar["./etc/selinux/config"][1]
+    assert selinux == b"SELINUX=disabled\nSELINUXTYPE=targeted\n", selinux
+    assert tar["./etc/systemd/journald.conf.d/log-to-console.conf"][1] == (
+        b"[Journal]\nForwardToConsole=true\n")
+    assert b"NoCloud" in tar["./etc/cloud/cloud.cfg.d/91-dib-cloud-init-datasources.cfg"][1]
+    assert "./var/lib/cloud/seed/nocloud/meta-data" in tar
+    sysctl = tar["./usr/local/bin/sysctl-set-value"][0]
+    assert sysctl.mode == 0o755  # type: ignore[attr-defined]
     # the hooks tree stays out of the rootfs
     assert not [n for n in tar if n.startswith("./tmp/") and n != "./tmp/"]
     # the recipe's element order does not change what the scripts do: the
     # plan is the same (same keys, no appliance) and so are the bytes
-    second = _recipe(tmp_path / "b", image, ["order-b", "order-a"])
+    (tmp_path / "b").mkdir()
     (tmp_path / "b/elements").symlink_to(tmp_path / "elements")
+    second = _recipe(tmp_path / "b", image, [*reversed(DIB_ELEMENTS), "order-b", "order-a"])
     again = run_cli(second, "-o", tmp_path / "out-b", "--cache-dir", demo_build.cache, "--json")
     assert again.returncode == 0, again.stderr
     assert again.json["appliance_launches"] == 0
@@ -170,3 +192,67 @@ def test_phases_run_across_elements_as_dib_runs_them(tmp_path: Path, demo_inputs
     assert run_keys == [la["key"] for la in res.json["layers"] if la["kind"] == "run"]
     assert ((tmp_path / "out-b/dib/rootfs.tar").read_bytes()
             == (tmp_path / "out/dib/rootfs.tar").read_bytes())
+
+
+# ---------------------------------------------------------------------------
+# package-installs.yaml and pkg-map, read with DIB's semantics
+
+PACKAGE_INSTALLS = """\
+libxml2:
+grub2:
+  phase: pre-install.d
+networkmanager:
+  uninstall: True
+gcc:
+  build-only: True
+linux-image-amd64:
+  arch: amd64
+dmidecode:
+  not-arch: arm64, ppc64el
+os-collect-config:
+  installtype: package
+package-a:
+  when: DIB_USE_A = 1
+package-b:
+  when: DIB_USE_A != 1
+py2-only:
+  dib_python_version: 2
+"""
+
+PKG_MAP = """{
+  "default": {"libxml2": "libxml2-default", "gcc": "gcc gcc-c++"},
+  "family": {"redhat": {"libxml2": "libxml2-rh"}},
+  "distro": {"openeuler": {"dmidecode": ""}},
+  "release": {"openeuler": {"22.03-LTS": {"libxml2": "libxml2-oe2203"}}}
+}"""
+
+
+def test_package_installs_follow_dib(tmp_path: Path) -> None:
+    from builder import dib_packages
+    d = make_element(tmp_path, "pk", files={"package-installs.yaml": PACKAGE_INSTALLS,
+                                            "pkg-map": PKG_MAP})
+    env = {"ARCH": "amd64", "DISTRO_NAME": "openeuler", "DIB_RELEASE": "22.03-LTS",
+           "DIB_DEFAULT_INSTALLTYPE": "source", "DIB_USE_A": "1"}
+    got = dib_packages.read_element("pk", d, env)
+    assert got is not None
+    phases = {p: (v.install, v.uninstall) for p, v in got.phases.items()}
+    assert phases == {
+        "pre-install.d": (["grub2"], []),
+        "install.d": (["libxml2", "gcc", "linux-image-amd64", "dmidecode", "package-a"],
+                      ["networkmanager", "gcc"]),
+        "post-install.d": ([], []),
+    }
+    # the most specific pkg-map section wins; "" drops a name; unmapped pass
+    assert dib_packages.map_names("pk", d, phases["install.d"][0], env) == [
+        "libxml2-oe2203", "gcc", "gcc-c++", "linux-image-amd64", "package-a"]
+    on_arm = dib_packages.read_element("pk", d, {**env, "ARCH": "arm64", "DIB_USE_A": "0"})
+    assert on_arm is not None
+    assert on_arm.phases["install.d"].install == ["libxml2", "gcc", "package-b"]
+    with pytest.raises(UserError) as e:
+        dib_packages.read_element("pk", d, {k: v for k, v in env.items() if k != "DIB_USE_A"})
+    assert "when: DIB_USE_A is not set" in h.one_line(e.value)
+    assert f"{d / 'package-installs.yaml'}:14:" in h.one_line(e.value)
+    (d / "package-installs.yaml").write_text("x:\n  phse: install.d\n")
+    with pytest.raises(UserError) as e:
+        dib_packages.read_element("pk", d, env)
+    assert "x: unknown option 'phse'" in h.one_line(e.value)
