@@ -86,14 +86,30 @@ class Cache:
     def _lock_fd(self, key: str) -> int:
         return os.open(self.root / "locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
-    def _lock_exclusive(self, key: str) -> int:
-        fd = self._lock_fd(key)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            ui.step(f"waiting for another build to finish cache entry {key[:12]}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+    def _hit_or_exclusive(self, fd: int, key: str) -> bool:
+        """True with a shared lock on `fd` when entry `key` is there and
+        whole; False with the exclusive lock, to build (or discard) it.
+        While another build holds it exclusively (building it), wait, then
+        look again."""
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told:
+                    ui.step(f"waiting for another build to finish cache entry {key[:12]}")
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if self.entry_dir(key).exists() and self._verify(key):
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts the shared lock
+                return False
+            except BlockingIOError:
+                # Others hold it shared: users of a damaged entry, or builds
+                # that, like this one, found it missing.  Let go and retry.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                time.sleep(0.1)
 
     def _keep_shared(self, fd: int) -> None:
         """Downgrade our lock to shared and keep it until close(), so a
@@ -129,8 +145,15 @@ class Cache:
         """The directory of entry `key`, building it with build(tmpdir) when
         absent or damaged.  Returns (directory, was_built)."""
         d = self.entry_dir(key)
-        fd = self._lock_exclusive(key)
+        # A hit needs only a shared lock, so builds that share entries (the
+        # base layer, say) run side by side; building or discarding takes
+        # the exclusive one, and the entry is looked at again under it.
+        fd = self._lock_fd(key)
         try:
+            if self._hit_or_exclusive(fd, key):
+                self._touch(key)
+                self._held.append(fd)
+                return d, False
             if d.exists():
                 if self._verify(key):
                     self._touch(key)

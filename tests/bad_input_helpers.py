@@ -62,6 +62,7 @@ def demo_recipe(path: Path, demo_yaml: Path, *, params: dict[str, Any] | None = 
     data = yaml.safe_load(demo_yaml.read_text())
     base = demo_yaml.parent
     data["base"]["image"] = str(base / data["base"]["image"])
+    data["overlays"] = [str(base / o) for o in data.get("overlays", [])]
     for key in DEMO_FILE_PARAMS:
         if key in data["params"]:
             data["params"][key] = str(base / data["params"][key])

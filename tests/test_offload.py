@@ -282,6 +282,7 @@ def test_run_step_executes_inside_the_rootfs_and_is_cached(demo_build: Build,
     text = demo_build.recipe.read_text().replace("elements: [libvirt-offload]",
                                                  "elements: [libvirt-offload, marker]")
     text = text.replace("demo-inputs/", f"{demo_build.recipe.parent}/demo-inputs/")
+    text = text.replace("../overlays/", f"{demo_build.recipe.parent}/../overlays/")
     recipe.write_text(text.replace("params:\n", "params:\n  greeting: hello\n", 1))
 
     def build(out: str) -> dict:
