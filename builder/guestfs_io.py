@@ -638,10 +638,16 @@ class Appliance:
             except ApplianceError:
                 tail = []
             last = tail[-1] if tail else "(no output)"
+            try:  # the runner announces each script: name the one that failed
+                started = self.call("grep", "^rootfs-build: running ", f"{RUN_DIR}/log")
+            except ApplianceError:
+                started = []
+            which = (started[-1].removeprefix("rootfs-build: running ")
+                     if started else "a script")
             if ui.verbose():
                 for line in tail:
                     ui.info(f"  | {line}")
-            raise UserError(f"{step}: a script failed inside the rootfs: {last}",
+            raise UserError(f"{step}: {which} failed inside the rootfs: {last}",
                             hint="-v shows the last lines of its output") from None
         self.call("debug", "sh", [_OVERLAY_DOWN])
         self.call("mount", "/dev/sdb", "/")

@@ -331,8 +331,10 @@ class PhasesStep:
         self.network = network
         self.timeout = timeout
         scripts = [f"{r.phase}/{s}" for r in runs for s in r.scripts]
-        self.label = (f"element{'s' if len(elements) > 1 else ''} {', '.join(elements)} "
-                      f"({', '.join(scripts)})")
+        shown = (", ".join(scripts) if len(scripts) <= 3
+                 else f"{len(scripts)} scripts in " + ", ".join(r.phase for r in runs
+                                                                if r.scripts))
+        self.label = f"element{'s' if len(elements) > 1 else ''} {', '.join(elements)} ({shown})"
         self.phase = f"running {self.label}"
         self._records: list[LayerRecord] = []
         self._epoch = 0

@@ -134,7 +134,8 @@ DIB_ELEMENTS = ["selinux-permissive", "disable-selinux", "journal-to-console",
 
 def _recipe(root: Path, image: Path, order: list[str]) -> Path:
     make_element(root / "elements", "distro-dirs",
-                 spec="dirs:\n  - {path: /etc/selinux}\n  - {path: /etc/cloud/cloud.cfg.d}\n")
+                 spec="dirs:\n  - {path: /etc/selinux}\n  - {path: /etc/cloud/cloud.cfg.d}\n"
+                      "  - {path: /usr/local/bin}\n")
     return write_recipe(root / "dib.yaml", f"""\
 name: dib
 base: {{image: {image}}}

@@ -32,11 +32,14 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def installed(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("venv") / "v"
+    env = _clean_env(venv.parent)
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True)
+                   check=True, env=env, cwd=venv.parent)
     wheel = next(dist.glob("*.whl"))
-    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check",
-                    str(wheel)], check=True, capture_output=True)
+    res = subprocess.run([str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check",
+                          str(wheel)], capture_output=True, text=True, env=env, cwd=venv.parent)
+    assert res.returncode == 0, res.stderr
+    assert (venv / "bin/rootfs-build").exists(), res.stdout + res.stderr
     return venv
 
 
@@ -71,7 +74,8 @@ def test_the_installed_wheel_validates_every_shipped_recipe(installed: Path,
     env = _clean_env(tmp_path)
     where = subprocess.run([str(installed / "bin/python"), "-c",
                             "from builder import shipped; print(shipped.path('recipes'))"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
     recipes = Path(where.stdout.strip())
     assert not recipes.is_relative_to(REPO), recipes
     shipped = sorted(recipes.glob("*.yaml"))

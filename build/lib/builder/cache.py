@@ -1,0 +1,298 @@
+"""The layer cache: content-addressed entries that appear atomically.
+
+Layout under the cache directory::
+
+    entries/<key>/     a finished entry: its files plus entry.json (sha256 and
+                       size of each file, checked before every use)
+    tmp/<random>/      entries being built; the builder holds tmp/<random>.lock
+    locks/<key>.lock   exclusive while an entry is built, shared while it is used
+    hashes/<stat key>  remembered sha256 of large input files, keyed by path and
+                       stat (device, inode, size, mtime, ctime)
+
+An entry is built in tmp/ and renamed into entries/ in one step, so a killed
+build leaves at most an orphan in tmp/ (removed by the next build or prune).
+Two builds that need the same entry serialize on its lock; the second reuses
+the first one's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import ui
+from .errors import UserError
+from .fileio import write_atomic
+from .hashing import sha256_file
+
+ENTRY_META = "entry.json"
+
+
+def default_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rootfs-build"
+
+
+@dataclasses.dataclass
+class EntryInfo:
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    size: int
+    last_used: float
+
+
+class Cache:
+    """A cache directory; `enabled=False` builds every entry in a private
+    temporary directory that is removed at close()."""
+
+    def __init__(self, directory: Path | None, *, enabled: bool = True):
+        self.enabled = enabled
+        self.root = Path(directory) if directory else default_dir()
+        self._private: Path | None = None
+        self._held: list[int] = []
+        if not enabled:
+            self._private = Path(tempfile.mkdtemp(prefix="rootfs-build-nocache-"))
+            self.root = self._private
+        try:
+            for sub in ("entries", "tmp", "locks", "hashes"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.root}: cache directory is not usable: {e.strerror}",
+                            hint="pass --cache-dir DIR (a writable directory) or --no-cache"
+                            ) from None
+        if not os.access(self.root / "entries", os.W_OK):
+            raise UserError(f"{self.root}: cache directory is not writable",
+                            hint="pass --cache-dir DIR (a writable directory) or --no-cache")
+
+    def close(self) -> None:
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+
+    # -- locking --------------------------------------------------------
+    def _lock_fd(self, key: str) -> int:
+        return os.open(self.root / "locks" / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _hit_or_exclusive(self, fd: int, key: str) -> bool:
+        """True with a shared lock on `fd` when entry `key` is there and
+        whole; False with the exclusive lock, to build (or discard) it.
+        While another build holds it exclusively (building it), wait, then
+        look again."""
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told:
+                    ui.step(f"waiting for another build to finish cache entry {key[:12]}")
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if self.entry_dir(key).exists() and self._verify(key):
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts the shared lock
+                return False
+            except BlockingIOError:
+                # Others hold it shared: users of a damaged entry, or builds
+                # that, like this one, found it missing.  Let go and retry.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                time.sleep(0.1)
+
+    def _keep_shared(self, fd: int) -> None:
+        """Downgrade our lock to shared and keep it until close(), so a
+        concurrent prune leaves the entry alone while we read it."""
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self._held.append(fd)
+
+    # -- entries --------------------------------------------------------------
+    def entry_dir(self, key: str) -> Path:
+        return self.root / "entries" / key
+
+    def _verify(self, key: str) -> bool:
+        d = self.entry_dir(key)
+        try:
+            meta = json.loads((d / ENTRY_META).read_text())
+            for name, want in meta["files"].items():
+                p = d / name
+                if p.stat().st_size != want["size"] or sha256_file(p) != want["sha256"]:
+                    return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return True
+
+    def _discard(self, key: str, why: str) -> None:
+        ui.warn(f"cache entry {key[:12]} is damaged ({why}); rebuilding it")
+        trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.root / "tmp"))
+        with contextlib.suppress(OSError):
+            os.rename(self.entry_dir(key), trash / key)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def get_or_build(self, key: str, build: Callable[[Path], dict[str, Any]],
+                     *, kind: str, label: str) -> tuple[Path, bool]:
+        """The directory of entry `key`, building it with build(tmpdir) when
+        absent or damaged.  Returns (directory, was_built)."""
+        d = self.entry_dir(key)
+        # A hit needs only a shared lock, so builds that share entries (the
+        # base layer, say) run side by side; building or discarding takes
+        # the exclusive one, and the entry is looked at again under it.
+        fd = self._lock_fd(key)
+        try:
+            if self._hit_or_exclusive(fd, key):
+                self._touch(key)
+                self._held.append(fd)
+                return d, False
+            if d.exists():
+                if self._verify(key):
+                    self._touch(key)
+                    self._keep_shared(fd)
+                    return d, False
+                self._discard(key, "its files do not match their checksums")
+            with self.staging(f"{kind}-") as tmp:
+                info = build(tmp)
+                files = {}
+                for p in sorted(tmp.iterdir()):
+                    if p.is_file():
+                        files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                meta = {"key": key, "kind": kind, "label": label, "created": int(time.time()),
+                        "files": files, "info": info}
+                with open(tmp / ENTRY_META, "w") as f:
+                    json.dump(meta, f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(tmp)
+                os.rename(tmp, d)
+                _fsync_dir(d.parent)
+            self._touch(key)
+            self._keep_shared(fd)
+            return d, True
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return json.loads((self.entry_dir(key) / ENTRY_META).read_text())
+
+    def _touch(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.entry_dir(key) / ENTRY_META)
+
+    @contextlib.contextmanager
+    def staging(self, prefix: str) -> Iterator[Path]:
+        """A private temporary directory under tmp/, removed unless renamed away."""
+        # The lock exists and is held before the directory does, so
+        # clean_orphans() never finds the directory unlocked.
+        lock, lock_path = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=self.root / "tmp")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = Path(lock_path.removesuffix(".lock"))
+        try:
+            tmp.mkdir(mode=0o700)
+            yield tmp
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            os.unlink(lock_path)
+            os.close(lock)
+
+    def clean_orphans(self) -> int:
+        """Remove tmp/ directories whose builder is gone; returns how many."""
+        removed = 0
+        for p in (self.root / "tmp").iterdir():
+            if p.suffix == ".lock" or not p.is_dir():
+                continue
+            lock_path = Path(f"{p}.lock")
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            os.close(fd)
+            removed += 1
+        return removed
+
+    # -- listing and pruning ------------------------------------------------
+    def entries(self) -> list[EntryInfo]:
+        out = []
+        for d in sorted((self.root / "entries").iterdir()):
+            try:
+                meta = json.loads((d / ENTRY_META).read_text())
+                used = (d / ENTRY_META).stat().st_mtime
+            except (OSError, ValueError):
+                meta, used = {"kind": "?", "label": "(damaged)"}, 0.0
+            size = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+            out.append(EntryInfo(d.name, d, meta, size, used))
+        return out
+
+    def prune(self, max_size: int | None = None) -> tuple[int, int]:
+        """Remove entries not in use, least recently used first, until the
+        cache holds at most `max_size` bytes (all of them when None).
+        Returns (entries removed, bytes freed)."""
+        entries = sorted(self.entries(), key=lambda e: e.last_used)
+        total = sum(e.size for e in entries)
+        removed = freed = 0
+        for e in entries:
+            if max_size is not None and total <= max_size:
+                break
+            fd = self._lock_fd(e.key)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.root / "tmp"))
+                os.rename(e.path, trash / e.key)
+                shutil.rmtree(trash, ignore_errors=True)
+                total -= e.size
+                freed += e.size
+                removed += 1
+            finally:
+                os.close(fd)
+        self.clean_orphans()
+        return removed, freed
+
+    # -- input hashes -------------------------------------------------------------
+    def file_sha256(self, path: Path, *, label: str = "") -> str:
+        """sha256 of a build input, remembered by its stat so a large base
+        image is read once, not on every build."""
+        st = path.stat()
+        stat_key = hashlib.sha256(
+            f"{path.resolve()}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
+            f"{st.st_mtime_ns}\0{st.st_ctime_ns}".encode()).hexdigest()
+        memo = self.root / "hashes" / stat_key
+        with contextlib.suppress(OSError):
+            text = memo.read_text().strip()
+            if len(text) == 64:
+                return text
+        if st.st_size > (64 << 20):
+            with ui.bar(f"hashing {label or path.name}", st.st_size) as bar:
+                digest = sha256_file(path, progress=bar.update)
+        else:
+            digest = sha256_file(path)
+        with contextlib.suppress(OSError):
+            write_atomic(memo, digest + "\n")
+        return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,27 @@
+"""Deployment side of a build: DPU scripts, host setup and the offline bundle.
+
+- ``mounts``: the mount table (procedure defaults + element contributions);
+- ``render``: ``DeployConfig`` and ``render_deploy`` writing ``dpu/`` and ``host/``;
+- ``bundle``: ``make_bundle`` writing ``<name>.bundle.tar`` with ``install.sh``.
+
+Every value that reaches a generated script is validated in Python first and
+quoted in one place (``render.sh_quote``); the scripts validate their
+operator-editable ``offload.conf`` again at run time.
+"""
+
+from __future__ import annotations
+
+from .bundle import make_bundle
+from .mounts import DEFAULT_MOUNTS, SHADOWED_PATHS, MountEntry, mount_table, shadowed_paths
+from .render import DeployConfig, render_deploy
+
+__all__ = [
+    "DEFAULT_MOUNTS",
+    "SHADOWED_PATHS",
+    "DeployConfig",
+    "MountEntry",
+    "make_bundle",
+    "mount_table",
+    "render_deploy",
+    "shadowed_paths",
+]

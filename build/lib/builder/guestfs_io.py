@@ -1,0 +1,792 @@
+"""The libguestfs boundary: the only module that talks to the appliance.
+
+Launch policy: the direct backend, with KVM when it works.  When a launch
+fails and TCG was not forced already, it is retried once with TCG and one
+warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
+launches in the same process go straight to TCG.
+
+Every call runs on a worker thread so the main thread stays free to take
+SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from . import confined, elfinfo, fileio, runner, ui
+from .errors import UserError
+from .session import Session
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
+# A launch boots a VM (tens of seconds under TCG on a loaded host) and reports
+# no progress meanwhile, so it gets at least this long whatever the call limit.
+LAUNCH_TIMEOUT = 600.0
+DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
+
+# Set once a KVM launch failed: later launches in this process go straight
+# to TCG instead of failing again.
+_tcg_only = False
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+RUN_DIR = "/.rootfs-build-run"
+# The tree (first scratch disk) becomes the lower layer of an overlay on
+# /sysroot; changes go to the second scratch disk; scripts and their log live
+# in a tmpfs, /tmp in another, so neither ends up in the step's layer.  The
+# shell finds the two disks by label:
+# the kernel may name the disks in another order than the API's /dev/sdX,
+# which guestfsd translates but a shell does not.
+_LOWER_LABEL, _UPPER_LABEL = "rb-lower", "rb-upper"
+_OVERLAY_UP = f"""set -e
+mkdir -p /run/rb/lower /run/rb/upperfs
+mount LABEL={_LOWER_LABEL} /run/rb/lower
+mount LABEL={_UPPER_LABEL} /run/rb/upperfs
+mkdir -p /run/rb/upperfs/upper /run/rb/upperfs/work
+mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir=/run/rb/upperfs/upper,\
+workdir=/run/rb/upperfs/work,index=off,metacopy=off,redirect_dir=off /sysroot
+mount -t tmpfs -o mode=0700 tmpfs /sysroot{RUN_DIR}
+mkdir -p /sysroot{RUN_DIR}/scripts
+mount -t tmpfs -o mode=1777 tmpfs /sysroot/tmp
+"""
+_OVERLAY_DOWN = f"""set -e
+umount /sysroot/tmp
+umount /sysroot{RUN_DIR}
+umount /sysroot
+umount /run/rb/lower
+umount /run/rb/upperfs
+"""
+# Run with an empty environment (bash's `exec -c`): the appliance's own
+# variables (root=/sysroot, RUNLEVEL=S, ...) never reach the scripts; they
+# get exactly these and the step's.
+RUN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C", "LC_ALL": "C", "TZ": "UTC", "HOME": "/root", "SHELL": "/bin/bash",
+           "TMPDIR": "/tmp"}
+_RUN_SH = f"""#!/bin/bash
+set -eu
+exec >>{RUN_DIR}/log 2>&1
+@EXPORTS@
+cd /
+for script in {RUN_DIR}/scripts/*; do
+    echo "rootfs-build: running ${{script##*/}}"
+    "$script"
+done
+"""
+
+
+class ApplianceError(UserError):
+    """The appliance could not do what was asked."""
+
+
+def _guestfs_module() -> Any:
+    try:
+        import guestfs
+    except ImportError:
+        raise UserError("the libguestfs Python binding is missing",
+                        hint="install python3-guestfs and use a venv made with "
+                             "--system-site-packages (./setup.sh does both)") from None
+    return guestfs
+
+
+_set_error_handler: Any = None
+
+
+def _quiet_thread(g: Any) -> None:
+    """Silence libguestfs' own error printing on this thread.
+
+    libguestfs keeps its error handler per thread and gives each new thread
+    the default one, which prints every failed call to stderr; the Python
+    binding silences only the thread that created the handle.  Our calls run
+    on worker threads, so without this a killed appliance (interrupt,
+    timeout) or a probe for a missing file would add "libguestfs: error:"
+    paragraphs to the one line the user gets.  Errors still arrive as
+    exceptions."""
+    global _set_error_handler
+    try:
+        if _set_error_handler is None:
+            lib = ctypes.CDLL("libguestfs.so.0")
+            lib.guestfs_set_error_handler.argtypes = [ctypes.c_void_p] * 3
+            lib.guestfs_set_error_handler.restype = None
+            get = ctypes.pythonapi.PyCapsule_GetPointer
+            get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            get.restype = ctypes.c_void_p
+            _set_error_handler = lambda h: lib.guestfs_set_error_handler(  # noqa: E731
+                get(h._o, b"guestfs_h"), None, None)
+        _set_error_handler(g)
+    except (OSError, AttributeError, ValueError, TypeError):
+        pass  # a noisier stderr, nothing worse
+
+
+def _tcg_forced_by_env() -> bool:
+    return "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":")
+
+
+def _launch_hint() -> str:
+    """The likely fix for a launch that failed with KVM and TCG."""
+    hv = os.environ.get("LIBGUESTFS_HV")
+    if hv:
+        return (f"LIBGUESTFS_HV={hv} did not start the appliance: unset LIBGUESTFS_HV "
+                "or point it at a working qemu-system binary")
+    kernel = os.environ.get("SUPERMIN_KERNEL")
+    if kernel and not os.path.isfile(kernel):
+        return (f"SUPERMIN_KERNEL={kernel} is not a kernel file: unset SUPERMIN_KERNEL "
+                "(and SUPERMIN_KERNEL_VERSION) or point it at one such as "
+                f"{(sorted(glob.glob('/boot/vmlinuz-*')) or ['/boot/vmlinuz-VERSION'])[-1]}")
+    modules = os.environ.get("SUPERMIN_MODULES")
+    if modules and not os.path.isdir(modules):
+        return (f"SUPERMIN_MODULES={modules} is not a directory: unset it or point it at "
+                "/lib/modules/VERSION")
+    kernels = glob.glob("/boot/vmlinuz-*")
+    if not kernels:
+        return ("supermin needs a kernel in /boot: install linux-image-amd64 "
+                "(./setup.sh does)")
+    if not any(os.access(k, os.R_OK) for k in kernels):
+        return ("supermin cannot read the kernel in /boot: chmod 0644 /boot/vmlinuz-* "
+                "or run as root")
+    return "run libguestfs-test-tool to see why; LIBGUESTFS_DEBUG=1 shows the appliance log"
+
+
+def image_format(path: Path) -> str:
+    """'qcow2' or 'raw', from the file's magic; refuses qcow2 features that
+    would let an image make the appliance read host files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(104)
+            if head[:4] != QCOW2_MAGIC:
+                return "raw"
+            if len(head) < 72:
+                raise UserError(f"{path}: truncated qcow2 header",
+                                hint="the image file is damaged; download it again")
+            version = int.from_bytes(head[4:8], "big")
+            backing_offset = int.from_bytes(head[8:16], "big")
+            if backing_offset:
+                raise UserError(f"{path}: qcow2 image has a backing file",
+                                hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
+            if version >= 3 and len(head) >= 104:
+                header_length = int.from_bytes(head[100:104], "big")
+                f.seek(header_length)
+                while True:
+                    ext = f.read(8)
+                    if len(ext) < 8:
+                        break
+                    kind = int.from_bytes(ext[:4], "big")
+                    length = int.from_bytes(ext[4:], "big")
+                    if kind == 0:
+                        break
+                    if kind == 0x44415441:  # external data file
+                        raise UserError(f"{path}: qcow2 image uses an external data file",
+                                        hint="convert it to a self-contained image first")
+                    f.seek((length + 7) & ~7, os.SEEK_CUR)
+            return "qcow2"
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the image: {e.strerror}") from None
+
+
+def check_image(path: Path, fmt: str) -> None:
+    """Refuse a damaged qcow2 (truncated, metadata pointing past its end)
+    before the appliance reads zeros where its data should be and a rootfs
+    with holes comes out.  qemu-img check only reads the image."""
+    if fmt != "qcow2":
+        return
+    qemu_img = runner.find_tool("qemu-img", needed_for="qcow2 base images")
+    proc = runner.run([qemu_img, "check", "-U", "--output=json", "-f", "qcow2", str(path)],
+                      env=runner.tool_env(0), what="qemu-img check", check=False)
+    stdout, stderr = (proc.stdout.decode("utf-8", "replace"),
+                      proc.stderr.decode("utf-8", "replace"))
+    try:
+        report = json.loads(stdout)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        report = {}
+    errors = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
+    if report and not errors and proc.returncode in (0, 3):  # 3: leaked clusters only
+        return
+    detail = (f"qemu-img check found {errors} errors" if errors else
+              (stderr.strip().splitlines() or ["qemu-img check failed"])[-1])
+    raise UserError(f"{path}: the qcow2 image is damaged ({detail})",
+                    hint="it is probably truncated or incomplete; download or copy it again")
+
+
+@dataclasses.dataclass
+class BaseInfo:
+    """What inspection found in the base image."""
+
+    root: str
+    mountpoints: dict[str, str]
+    os_release: dict[str, str]
+    arch: str
+    filesystems: dict[str, str]
+    used_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Appliance:
+    """One libguestfs handle with its drives; use as a context manager."""
+
+    def __init__(self, label: str, *, session: Session | None = None, smp: int = DEFAULT_SMP,
+                 timeout: float | None = None, network: bool = False):
+        """`session` counts the appliances that started (a KVM attempt that
+        fails before the appliance runs does not count)."""
+        self.label = label
+        self.session = session
+        self.network = network
+        self.smp = smp
+        self.timeout = timeout or DEFAULT_TIMEOUT
+        self._drives: list[tuple[str, dict[str, Any]]] = []
+        self.g: Any = None
+        self._progress = time.monotonic()
+        self._killed_for: str | None = None
+        self._pid = 0  # qemu's pid: the handle is locked during a call, so ask once
+
+    # -- life cycle -----------------------------------------------------
+    def add_drive(self, path: Path | str, *, fmt: str, readonly: bool = True,
+                  label: str | None = None) -> None:
+        opts: dict[str, Any] = {"format": fmt, "readonly": readonly}
+        if label:
+            opts["label"] = label
+        self._drives.append((str(path), opts))
+
+    def add_scratch(self, size: int) -> None:
+        """A temporary disk of `size` bytes (sparse; removed at close)."""
+        self._drives.append(("", {"scratch": size}))
+
+    def _new_handle(self, tcg: bool) -> Any:
+        self._killed_for, self._pid = None, 0  # nothing of a failed attempt carries over
+        guestfs = _guestfs_module()
+        g = guestfs.GuestFS(python_return_dict=True)
+        if tcg:
+            g.set_backend_settings(["force_tcg"])
+        g.set_smp(self.smp)
+        if self.network:
+            g.set_network(True)
+        for path, opts in self._drives:
+            if "scratch" in opts:
+                g.add_drive_scratch(opts["scratch"])
+            else:
+                g.add_drive_opts(path, **opts)
+        return g
+
+    def _launch_quietly(self) -> None:
+        """launch(), with libguestfs' own stderr chatter kept out of the user's
+        way (shown with -v)."""
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                self.call("launch", timeout=max(self.timeout, LAUNCH_TIMEOUT))
+                if self.session is not None:
+                    self.session.launches += 1
+                self._pid = self.g.get_pid()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                if ui.verbose():
+                    log.seek(0)
+                    sys.stderr.write(log.read().decode("utf-8", "replace"))
+
+    def launch(self) -> None:
+        global _tcg_only
+        tcg = _tcg_only or _tcg_forced_by_env()
+        ui.step(f"starting the appliance for {self.label}")
+        self.g = self._new_handle(tcg)
+        try:
+            self._launch_quietly()
+            return
+        except ApplianceError as first:
+            self._close_handle()
+            if tcg:
+                raise ApplianceError(f"{self.label}: the libguestfs appliance did not start: "
+                                     f"{self._unlabelled(first)}", hint=_launch_hint()
+                                     ) from None
+        ui.warn("the appliance failed to start with KVM; using TCG (software emulation, "
+                "slower)", once_key="tcg")
+        _tcg_only = True
+        self.g = self._new_handle(True)
+        try:
+            self._launch_quietly()
+        except ApplianceError as second:
+            self._close_handle()
+            raise ApplianceError(f"{self.label}: the libguestfs appliance did not start "
+                                 f"(KVM and TCG): {self._unlabelled(second)}",
+                                 hint=_launch_hint()) from None
+
+    def _unlabelled(self, e: UserError) -> str:
+        return e.message.removeprefix(f"{self.label}: ")
+
+    def __enter__(self) -> Appliance:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(shutdown=exc[0] is None)
+
+    def close(self, *, shutdown: bool = True) -> None:
+        if self.g is None:
+            return
+        if shutdown and self._killed_for is None:
+            with contextlib.suppress(ApplianceError):
+                self.call("shutdown", timeout=120)
+        else:
+            self.kill("closing")
+        self._close_handle()
+
+    def _close_handle(self) -> None:
+        if self.g is not None:
+            # closing a dead handle must not mask the error that killed it
+            with contextlib.suppress(Exception):
+                self.g.close()
+            self.g = None
+
+    def kill(self, why: str) -> None:
+        """Kill qemu so a blocked call returns at once."""
+        self._killed_for = self._killed_for or why
+        if self._pid <= 0:
+            self._pid = next(iter(_qemu_children()), 0)
+        if self._pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+
+    def _stop(self, worker: _Worker, why: str, wait: float = 30) -> None:
+        """Kill qemu and wait (up to `wait` s) for the blocked call to return.
+        Early in a launch qemu does not exist yet: keep looking for it, so it
+        dies as soon as it appears instead of booting the whole appliance."""
+        deadline = time.monotonic() + wait
+        self.kill(why)
+        killed = {self._pid}
+        while not worker.wait(0.1) and time.monotonic() < deadline:
+            # a launch runs qemu-img and qemu probes before the appliance
+            for pid in _qemu_children() - killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+
+    # -- calls ------------------------------------------------------------
+    def touch(self) -> None:
+        """Note progress (resets the timeout)."""
+        self._progress = time.monotonic()
+
+    def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Run g.<name>(*args, **kwargs) on a worker thread with a timeout."""
+        fn = getattr(self.g, name)
+        return self._run(lambda: fn(*args, **kwargs), name, timeout)
+
+    def _start(self, name: str, fn: Callable[[], Any],
+               after: Callable[[], None] | None = None) -> _Worker:
+        """Start fn on a worker thread; `after` runs there once it returns."""
+        self.touch()
+        return _Worker(name, fn, self.g, after)
+
+    def _error(self, name: str, err: BaseException) -> ApplianceError:
+        first = str(err).splitlines()[0] if str(err) else name
+        return ApplianceError(f"{self.label}: {name}: {first}")
+
+    def _timeout_error(self, name: str, limit: float) -> ApplianceError:
+        return ApplianceError(
+            f"{self.label}: appliance call {name} made no progress for {limit:.0f} s "
+            "and was stopped", hint="raise it with --appliance-timeout SECONDS if the step "
+                                    "is slow")
+
+    def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
+        limit = timeout or self.timeout
+        worker = self._start(name, fn)
+        try:
+            while not worker.wait(0.2):
+                if time.monotonic() - self._progress > limit:
+                    self._stop(worker, f"timeout in {name}")
+                    raise self._timeout_error(name, limit)
+        except BaseException:
+            if not worker.done.is_set():
+                self._stop(worker, f"interrupted in {name}")
+            raise
+        if worker.error is not None:
+            if isinstance(worker.error, RuntimeError):
+                raise self._error(name, worker.error) from None
+            raise worker.error
+        return worker.value
+
+    def stream_out(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   consume: Callable[[BinaryIO], T]) -> T:
+        """Run a FileOut call (tar_out, download...) into a pipe that `consume`
+        reads on this thread as the appliance writes it."""
+        r, w = os.pipe()
+        fn = getattr(self.g, name)
+        worker = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
+                             after=lambda: os.close(w))
+        stop = threading.Event()
+        limit = self.timeout
+
+        def watchdog() -> None:
+            while not stop.wait(1.0):
+                if time.monotonic() - self._progress > limit:
+                    self.kill(f"timeout in {name}")
+                    return
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        reader = _ProgressReader(os.fdopen(r, "rb", buffering=1 << 20), self.touch)
+        try:
+            try:
+                value = consume(reader)  # type: ignore[arg-type]
+                while reader.read(1 << 20):
+                    pass
+            except BaseException as consume_error:
+                # Did the appliance fail first (the stream then ends early)?
+                worker.wait(0.5)
+                appliance_failed = worker.error is not None
+                self.kill(f"interrupted in {name}")
+                # libguestfs may be blocked writing to the full pipe, which no
+                # kill ends: close our end so that write fails now.
+                reader.close()
+                worker.wait(30)
+                if self._killed_for and self._killed_for.startswith("timeout"):
+                    raise self._timeout_error(name, limit) from None
+                if (appliance_failed and worker.error is not None
+                        and isinstance(consume_error, UserError)):
+                    raise self._error(name, worker.error) from None
+                raise
+            worker.wait()
+        finally:
+            stop.set()
+            reader.close()
+        if worker.error is not None:
+            raise self._error(name, worker.error) from None
+        return value
+
+    def stream_in(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  produce: Callable[[BinaryIO], None]) -> None:
+        """Run a FileIn call (tar_in, upload...) fed through a pipe by
+        `produce`, which writes on this thread as the appliance reads."""
+        r, w = os.pipe()
+        fn = getattr(self.g, name)
+        worker = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
+                             after=lambda: os.close(r))
+        writer = _ProgressWriter(os.fdopen(w, "wb", buffering=1 << 20), self.touch)
+        try:
+            try:
+                produce(writer)  # type: ignore[arg-type]
+                writer.close()
+            except BrokenPipeError:
+                pass
+            except BaseException:
+                self.kill(f"interrupted in {name}")
+                # libguestfs may be blocked reading the pipe, which no kill
+                # ends: EOF (or EPIPE once it gave up) lets it return now.
+                with contextlib.suppress(OSError, ValueError):
+                    writer.close()
+                worker.wait(30)
+                raise
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    writer.close()
+            self._run(worker.wait, name, None)
+        finally:
+            worker.wait(1)
+        if worker.error is not None:
+            raise self._error(name, worker.error) from None
+
+    # -- inspection -----------------------------------------------------------
+    def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:
+        """Find the root filesystem, mount it and its mount points read-only."""
+        filesystems = self.call("list_filesystems")
+        roots = self.call("inspect_os")
+        if not roots:
+            raise UserError(f"{image}: no operating system found in the image",
+                            hint="libguestfs found no Linux root filesystem; is it the "
+                                 "right image?")
+        if len(roots) > 1:
+            raise UserError(f"{image}: more than one operating system found "
+                            f"({', '.join(roots)})", hint="use an image with one root")
+        root = roots[0]
+        mountpoints = dict(self.call("inspect_get_mountpoints", root))
+        if mount:
+            for mp in sorted(mountpoints, key=lambda p: (p.count("/"), p)):
+                try:
+                    self.call("mount_ro", mountpoints[mp], mp)
+                except ApplianceError as e:
+                    if mp == "/":
+                        raise
+                    ui.warn(f"{image}: {mp} ({mountpoints[mp]}) not mounted: {e.message}")
+                    del mountpoints[mp]
+        else:
+            self.call("mount_ro", root, "/")
+        os_release = parse_os_release(self._read_guest_text("/etc/os-release")
+                                      or self._read_guest_text("/usr/lib/os-release") or "")
+        arch = self.call("inspect_get_arch", root)
+        if arch in ("unknown", ""):
+            arch = self._elf_arch() or "unknown"
+        used = 0
+        for mp in mountpoints:
+            try:
+                st = self.call("statvfs", mp)
+                used += (st["blocks"] - st["bfree"]) * st["frsize"]
+            except ApplianceError:
+                pass
+        return BaseInfo(root=root, mountpoints=mountpoints, os_release=os_release,
+                        arch=elfinfo.normalize_arch(arch), filesystems=dict(filesystems),
+                        used_bytes=used)
+
+    def guest_realpath(self, path: str) -> str | None:
+        """Resolve symlinks inside the guest tree (confined to it); None if a
+        component is missing or the links loop."""
+        class Missing(Exception):
+            pass
+
+        def readlink(candidate: str) -> str | None:
+            try:
+                st = self.call("lstatns", "/" + candidate)
+            except ApplianceError:
+                raise Missing from None
+            if st["st_mode"] & 0o170000 != 0o120000:
+                return None
+            return str(self.call("readlink", "/" + candidate))
+
+        try:
+            return "/" + confined.resolve(path, readlink, follow_last=True)
+        except (Missing, confined.SymlinkLoop):
+            return None
+
+    def _read_guest_text(self, path: str, limit: int = 65536) -> str | None:
+        real = self.guest_realpath(path)
+        if real is None or not self.call("is_file", real):
+            return None
+        if self.call("filesize", real) > limit:
+            return None
+        return bytes(self.call("read_file", real)).decode("utf-8", "replace")
+
+    def _elf_arch(self) -> str | None:
+        for candidate in ("/usr/bin/bash", "/usr/bin/sh", "/usr/bin/ls", "/usr/bin/busybox",
+                          "/usr/lib/systemd/systemd", "/sbin/init"):
+            real = self.guest_realpath(candidate)
+            if real is None or not self.call("is_file", real):
+                continue
+            arch = elfinfo.machine_of_header(bytes(self.call("pread", real, 20, 0)))
+            if arch:
+                return arch
+        return None
+
+    # -- extraction ----------------------------------------------------------
+    def tar_out(self, directory: str, consume: Callable[[BinaryIO], T]) -> T:
+        """Stream the tree at `directory` (numeric owners, xattrs, SELinux
+        labels, ACLs) to `consume`."""
+        return self.stream_out("tar_out", (directory,),
+                               {"numericowner": True, "xattrs": True, "selinux": True,
+                                "acls": True}, consume)
+
+
+    # -- steps inside the rootfs ------------------------------------------
+    def run_in_tree(self, tree: Callable[[BinaryIO], None], scripts: list[tuple[str, bytes]],
+                    env: dict[str, str], consume_upper: Callable[[BinaryIO], T],
+                    *, step: str, files: Callable[[BinaryIO], None] | None = None) -> T:
+        """Lay a rootfs tree onto scratch disk 1, run `scripts` chrooted in it
+        under an overlay whose upper directory lives on scratch disk 2, and
+        hand the upper directory (the step's changes) to `consume_upper` as a
+        tar stream.  `files` (a tar stream) is unpacked into the rootfs's
+        /tmp first, which is a tmpfs during the run: what is there never
+        reaches the step's layer.  Needs two scratch drives added, in that
+        order."""
+        self.call("mkfs", "ext4", "/dev/sda", label=_LOWER_LABEL)
+        self.call("mount", "/dev/sda", "/")
+        self.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True},
+                       tree)
+        if self.guest_realpath("/bin/bash") is None:
+            raise UserError(f"{step}: the rootfs has no /bin/bash to run scripts with",
+                            hint="scripts run inside the rootfs; install bash in the base")
+        if self.call("is_symlink", "/tmp") if self.call("exists", "/tmp") else False:
+            raise UserError(f"{step}: the rootfs's /tmp is a symlink",
+                            hint="scripts run with a private /tmp; make /tmp a directory "
+                                 "in the base")
+        # Mount points made on the lower disk only: the step's layer is the
+        # upper directory, which does not see them.
+        self.call("mkdir_p", RUN_DIR)
+        self.call("mkdir_p", "/tmp")
+        self.call("umount_all")
+        self.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL)
+        self.call("debug", "sh", [_OVERLAY_UP])
+        if files is not None:
+            self.stream_in("tar_in", ("/tmp",), {}, files)
+        for i, (name, data) in enumerate(scripts):
+            path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
+            self.call("write", path, data)
+            self.call("chmod", 0o755, path)
+        exports = "".join(f"export {k}={shlex.quote(v)}\n"
+                          for k, v in sorted({**RUN_ENV, **env}.items()))
+        self.call("write", f"{RUN_DIR}/run.sh", _RUN_SH.replace("@EXPORTS@\n", exports))
+        try:
+            self.call("command", ["/bin/bash", "-c", f"exec -c /bin/bash {RUN_DIR}/run.sh"])
+        except ApplianceError:
+            if self._killed_for is not None:  # timed out: qemu is gone, say so
+                raise
+            try:
+                tail = [line for line in self.call("tail_n", 15, f"{RUN_DIR}/log") if line]
+            except ApplianceError:
+                tail = []
+            last = tail[-1] if tail else "(no output)"
+            if ui.verbose():
+                for line in tail:
+                    ui.info(f"  | {line}")
+            raise UserError(f"{step}: a script failed inside the rootfs: {last}",
+                            hint="-v shows the last lines of its output") from None
+        self.call("debug", "sh", [_OVERLAY_DOWN])
+        self.call("mount", "/dev/sdb", "/")
+        return self.tar_out("/upper", consume_upper)
+
+
+class _Worker:
+    """fn on a daemon thread, its value or exception kept for the caller.
+    Completion is an Event rather than Thread.is_alive()/join(): on CPython
+    3.11 a KeyboardInterrupt that lands inside join() was seen to mark the
+    still-running launch thread as stopped, so the interrupted build skipped
+    killing qemu and libguestfs later crashed closing the handle."""
+
+    def __init__(self, name: str, fn: Callable[[], Any], g: Any,
+                 after: Callable[[], None] | None) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def work() -> None:
+            try:
+                _quiet_thread(g)
+                self.value = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                try:
+                    if after is not None:
+                        after()
+                finally:
+                    self.done.set()
+
+        threading.Thread(target=work, name=f"guestfs-{name}", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once fn has returned (and `after` has run)."""
+        return self.done.wait(timeout)
+
+
+def _qemu_children() -> set[int]:
+    """The live qemu processes libguestfs started (our children), found
+    without the handle, which a running call keeps locked."""
+    me = os.getpid()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+            comm = fields[0].split("(", 1)[1]
+            state, ppid = fields[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(ppid) == me and comm.startswith("qemu") and state not in ("Z", "X"):
+            found.add(int(entry))
+    return found
+
+
+class _ProgressWriter:
+    def __init__(self, f: BinaryIO, tick: Callable[[], None]):
+        self.f = f
+        self.tick = tick
+
+    def write(self, data: bytes) -> int:
+        n = self.f.write(data)
+        self.tick()
+        return n
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+
+
+class _ProgressReader:
+    def __init__(self, f: BinaryIO, tick: Callable[[], None]):
+        self.f = f
+        self.tick = tick
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.tick()
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    """KEY=value lines of os-release(5), unquoted; nothing is evaluated."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        if not key.isidentifier():
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+            if line.partition("=")[2].strip()[0] == '"':
+                value = (value.replace('\\"', '"').replace("\\$", "$")
+                         .replace("\\`", "`").replace("\\\\", "\\"))
+        out[key] = value
+    return out
+
+
+# -- writing disk images (demo inputs, test fixtures) ------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    mountpoint: str
+    size_mib: int | None      # None: the rest of the disk
+    fstype: str = "ext4"
+
+
+def make_disk_image(path: Path, *, fmt: str, size_mib: int, partitions: list[Partition],
+                    trees: dict[str, Path], label: str = "image") -> None:
+    """Create an MBR disk image with `partitions`, each filled from a tar in
+    `trees` (mountpoint -> tar path).  Appears whole or not at all."""
+    guestfs = _guestfs_module()
+    with fileio.atomic_path(path) as tmp:
+        g = guestfs.GuestFS(python_return_dict=True)
+        g.disk_create(str(tmp), fmt, size_mib << 20)
+        g.close()
+        app = Appliance(label)
+        app.add_drive(tmp, fmt=fmt, readonly=False)
+        with app:
+            app.call("part_init", "/dev/sda", "mbr")
+            start = 2048
+            total_sectors = (size_mib << 20) // 512
+            devices = []
+            for i, part in enumerate(partitions, start=1):
+                end = (start + part.size_mib * 2048 - 1 if part.size_mib
+                       else total_sectors - 2048)
+                app.call("part_add", "/dev/sda", "p", start, end)
+                dev = f"/dev/sda{i}"
+                app.call("mkfs", part.fstype, dev)
+                devices.append((part.mountpoint, dev))
+                start = end + 1
+            for mountpoint, dev in sorted(devices, key=lambda d: (d[0] != "/", d[0])):
+                if mountpoint != "/":
+                    app.call("mkdir_p", mountpoint)
+                app.call("mount", dev, mountpoint)
+            for mountpoint in sorted(trees, key=lambda m: (m != "/", m)):
+                app.call("tar_in", str(trees[mountpoint]), mountpoint, xattrs=True,
+                         selinux=True, acls=True)

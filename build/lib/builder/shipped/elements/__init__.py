@@ -1,0 +1,1 @@
+"""Shipped elements: package data of rootfs-build (see builder/shipped)."""

@@ -1,0 +1,1 @@
+"""Shipped overlays: package data of rootfs-build (see builder/shipped)."""

@@ -1,0 +1,1 @@
+"""Shipped recipes: package data of rootfs-build (see builder/shipped)."""
