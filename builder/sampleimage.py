@@ -32,7 +32,7 @@ ANSI_COLOR="0;31"
 """
 
 # Enough of a userland for element scripts (diskimage-builder's included).
-HOST_TOOLS = ("bash", "env", "cat", "ls", "mkdir", "touch", "rm", "sleep", "id", "sed",
+HOST_TOOLS = ("bash", "env", "cat", "ls", "mkdir", "touch", "rm", "sleep", "id", "sed", "dirname",
               "grep", "install")
 
 SPARSE_SIZE = 48 << 20
