@@ -359,25 +359,22 @@ class PhasesStep:
                                        str(el.path))
                     for item in sub.items:
                         name = item.member.name
-                        if item.member.type != DIR and name in owner:
+                        if name in owner:
+                            if item.member.type == DIR:
+                                continue  # a directory several elements have
                             raise UserError(
                                 f"{entry / name.decode().split('/', 1)[1]}: element "
                                 f"{el.name} and element {owner[name]} both have "
                                 f"{name.decode()}", where=str(el.path),
                                 hint="diskimage-builder refuses duplicated hooks too: "
                                      "rename one of them")
-                        owner.setdefault(name, el.name)
-                        if item.member.type != DIR or name not in {i.member.name
-                                                                   for i in hooks.items}:
-                            hooks.add(item)
+                        owner[name] = el.name
+                        hooks.add(item)
                     hooks.inputs.update(sub.inputs)
-                elif entry.is_file() and not entry.is_symlink():
-                    # top-level files: the later element's copy wins, as in DIB
-                    sha = hashlib.sha256(entry.read_bytes()).hexdigest()
-                    hooks.items = [i for i in hooks.items
-                                   if i.member.name != entry.name.encode()]
-                    hooks.add(Item(Member(entry.name.encode(), b"0", 0o644,
-                                          size=entry.stat().st_size), path=entry, digest=sha))
+                # Top-level files (README.rst, element-deps, ...) are left out:
+                # DIB copies them over one another into the hooks root, where
+                # nothing reads them, and that jumble would make the step
+                # depend on the recipe's element order.
         names = {i.member.name.decode() for i in hooks.items}
         modes = {i.member.name.decode(): i.member.mode for i in hooks.items}
         runs = []
