@@ -163,14 +163,8 @@ class Builder:
         if "host_ip" not in es.specs or es.params.get("host_ip") is None:
             return
         from .deploy import DeployConfig, mount_table
-        fields = {f.name for f in dataclasses.fields(DeployConfig)}
-        given: dict[str, Any] = {"name": self.recipe.name}
-        for param, value in es.params.items():
-            field = DEPLOY_PARAM_FIELDS.get(param, param)
-            if field in fields and field != "name" and value is not None:
-                given[field] = tuple(value) if isinstance(value, list) else value
         try:
-            self.deploy = DeployConfig.from_params(given, where="params")
+            self.deploy = DeployConfig.from_params(self.recipe.name, es.params)
         except UserError as e:
             # name the recipe's param and line, not DeployConfig's field
             field = (e.where or "").removeprefix("params.")
@@ -180,6 +174,8 @@ class Builder:
                                    if param in self.recipe.params else str(self.recipe.path)),
                             hint=e.hint or (None if e.message.endswith(")") else
                                             f"fix params.{param} in the recipe")) from None
+        for warning in self.deploy.warnings():
+            ui.warn(warning)
         contributions = []
         for el in es.elements:
             for i, entry in enumerate(el.spec.get("mounts", [])):
@@ -498,7 +494,8 @@ class Builder:
                 with Phase.enter("bundle"):
                     from .deploy import make_bundle
                     make_bundle(self.opts.output_root, self.recipe.name, epoch, src=out.staging,
-                                dest=out.sibling(f"{self.recipe.name}.bundle.tar"))
+                                dest=out.sibling(f"{self.recipe.name}.bundle.tar"),
+                                signing_key=self.deploy.bundle_signing_key)
             with Phase.enter("publishing outputs"):
                 if os.environ.get("ROOTFS_BUILD_TEST_STOP_BEFORE_PUBLISH"):
                     # lets a test SIGKILL the build at this exact moment
@@ -607,6 +604,7 @@ class Builder:
             "rootfs": {"entries": stats.entries, "tar_bytes": stats.tar_bytes},
             "artifacts": artifacts,
             "notes": self.notes,
+            **({"deployment": self.deploy.manifest()} if self.deploy is not None else {}),
         }
 
 
@@ -625,8 +623,8 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-# recipe param -> DeployConfig field, where the names differ
-DEPLOY_PARAM_FIELDS = {"rootfs_path": "rootfs", "rexec_whitelist": "whitelist_extra"}
+# recipe param -> DeployConfig field, where the names differ (none now)
+DEPLOY_PARAM_FIELDS: dict[str, str] = {}
 
 
 def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:

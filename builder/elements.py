@@ -31,7 +31,7 @@ HOST_PHASES = ("root.d", "extra-data.d", "block-device.d", "cleanup.d", "finalis
                "pre-finalise.d", "environment.d")
 
 PARAM_TYPES = ("str", "int", "bool", "enum", "ip", "port", "path", "kernel", "log_level",
-               "name", "file", "files", "dir", "list")
+               "name", "file", "files", "dir", "list", "listen", "command")
 INPUT_TYPES = ("file", "files", "dir")
 
 _MODE = {"type": ["string", "integer"]}
