@@ -225,13 +225,14 @@ ip link set lo up
 
 
 def run_ns(driver: str, work: Path, env: dict[str, str] | None = None,
-           timeout: int = 60, shield: bool = True,
-           net: bool = False) -> subprocess.CompletedProcess[str]:
+           timeout: int = 60, shield: bool = True, net: bool = False,
+           pidns: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a bash driver in a fresh private mount namespace; $W is `work`.
 
-    ``net``: also a fresh network and pid namespace (the driver is its pid 1:
-    every process it starts, and every network namespace they hold, dies with
-    it, even when the test fails or times out)."""
+    ``pidns``: also a fresh pid namespace, whose pid 1 is the driver: every
+    process it starts dies with it, even when the test fails or times out
+    (and pgrep sees only them).  ``net``: that, and a fresh network namespace
+    (with every network namespace its processes hold)."""
     script = work / "driver.sh"
     script.write_text(DRIVER_HEAD + (SHIELD if shield else "") + driver)
     full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "W": str(work),
@@ -239,7 +240,9 @@ def run_ns(driver: str, work: Path, env: dict[str, str] | None = None,
     full_env.update(env or {})
     cmd = ["unshare", "-m", "--propagation", "private"]
     if net:
-        cmd += ["-n", "-p", "--fork", "--kill-child", "--mount-proc"]
+        cmd += ["-n"]
+    if net or pidns:
+        cmd += ["-p", "--fork", "--kill-child", "--mount-proc"]
     return subprocess.run([*cmd, "bash", str(script)],
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 

@@ -193,26 +193,38 @@ ls -A /run > $W/run0
 $D/prepare.sh > $W/p1.out 2>&1; echo $? > $W/p1.rc
 snap real
 $D/prepare.sh --rehearse $W/host > $W/p2.out 2>&1; echo $? > $W/p2.rc
-$D/teardown.sh --rehearse $W/host > $W/t0.out 2>&1; echo $? > $W/t0.rc
 snap after
 $D/teardown.sh > $W/t1.out 2>&1; echo $? > $W/t1.rc
+cp $W/rmmod.log $W/rmmod1 2>/dev/null || : > $W/rmmod1
 snap clean
 ls -A /run > $W/run1
 find $W/etc-upper -mindepth 1 > $W/etc-left
+# a rehearsal's teardown does not touch a real deployment either
+mkdir /sys/module/qtfs
+$D/prepare.sh > $W/p3.out 2>&1; echo $? > $W/p3.rc
+snap real2
+$D/teardown.sh --rehearse $W/host > $W/t2.out 2>&1; echo $? > $W/t2.rc
+snap after2
+$D/teardown.sh > $W/t3.out 2>&1; echo $? > $W/t3.rc
 """, tmp_path, shield=False)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "p1") == 0, text(tmp_path, "p1.out")
+    # the rehearsal is refused, and the real teardown is a real one: it
+    # unmounts and unloads qtfs
+    assert rc(tmp_path, "p2") == 2 and "is prepared for real" in text(tmp_path, "p2.out")
+    assert text(tmp_path, "after") == text(tmp_path, "real")
+    assert rc(tmp_path, "t1") == 0, text(tmp_path, "t1.out")
+    assert f"{rootfs} is clean (2 unmounted)" in text(tmp_path, "t1.out")
+    assert text(tmp_path, "rmmod1") == "rmmod qtfs\n"
+    assert below(tmp_path, "clean", rootfs) == []
+    # the real state, in a place of its own, stayed as it was
     info = read_info(tmp_path, rootfs, "real", rehearsal=False)
     assert info["mode"] == "real" and info["root"] == str(rootfs)
-    # the rehearsal is refused, the real state stays as it was
-    assert rc(tmp_path, "p2") == 2 and "is prepared for real" in text(tmp_path, "p2.out")
-    assert rc(tmp_path, "t0") == 2 and "is prepared for real" in text(tmp_path, "t0.out")
     assert read_info(tmp_path, rootfs, "after", rehearsal=False) == info
-    assert text(tmp_path, "after") == text(tmp_path, "real")
-    # and the real teardown is a real one: it unloads qtfs
-    assert rc(tmp_path, "t1") == 0, text(tmp_path, "t1.out")
-    assert text(tmp_path, "rmmod.log") == "rmmod qtfs\n"
-    assert below(tmp_path, "clean", rootfs) == []
+    assert rc(tmp_path, "p3") == 0, text(tmp_path, "p3.out")
+    assert rc(tmp_path, "t2") == 2 and "is prepared for real" in text(tmp_path, "t2.out")
+    assert text(tmp_path, "after2") == text(tmp_path, "real2")
+    assert rc(tmp_path, "t3") == 0, text(tmp_path, "t3.out")
     # point 4 on a real DPU: what prepare created outside the rootfs
     # (/etc/rexec, /var/run/rexec and their files) is gone again
     assert text(tmp_path, "etc-left") == ""
@@ -244,7 +256,7 @@ cat {rootfs}/var/run/libvirtd.pid > $W/libvirtd.pid
 $D/teardown.sh --rehearse $W/host > $W/t.out 2>&1; echo $? > $W/t.rc
 {LISTING.format("after")}
 snap clean
-""", tmp_path, shield=False)
+""", tmp_path, shield=False, pidns=True)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "p") == 0, text(tmp_path, "p.out")
     assert rc(tmp_path, "s") == 0, text(tmp_path, "s.out")
@@ -311,7 +323,7 @@ sleep 0.5
 pgrep -x libvirtd > $W/after_libvirtd; pgrep -x virtlogd > $W/after_virtlogd
 $D/teardown.sh > $W/t.out 2>&1; echo $? > $W/t.rc
 ls $W/systemd/masked > $W/masked_after
-""", tmp_path, shield=False)
+""", tmp_path, shield=False, pidns=True)
     assert res.returncode == 0, res.stderr
     assert text(tmp_path, "c0") == "connected\n" and text(tmp_path, "before").strip()
     out = text(tmp_path, "p.out")
@@ -341,7 +353,7 @@ pgrep -f 'fake/(libvirtd|virtlogd) 300' > $W/started1
 kill $own; wait $own
 $D/start-libvirtd.sh --rehearse $W/host > $W/s2.out 2>&1; echo $? > $W/s2.rc
 $D/teardown.sh --rehearse $W/host > $W/t.out 2>&1; echo $? > $W/t.rc
-""", tmp_path)
+""", tmp_path, pidns=True)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "p") == 0, text(tmp_path, "p.out")
     own = text(tmp_path, "own").strip()
@@ -376,7 +388,7 @@ snap refused
 kill $holder; wait $holder
 $D/teardown.sh --rehearse $W/host > $W/t2.out 2>&1; echo $? > $W/t2.rc
 snap clean
-""", tmp_path)
+""", tmp_path, pidns=True)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "s") == 0, text(tmp_path, "s.out")
     holder = text(tmp_path, "holder").strip()
@@ -413,7 +425,7 @@ snap refused
 $D/teardown.sh --rehearse $W/host --force > $W/t2.out 2>&1; echo $? > $W/t2.rc
 kill -0 $vm 2>/dev/null && echo alive > $W/vm2
 snap clean
-""", tmp_path)
+""", tmp_path, pidns=True)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "s") == 0, text(tmp_path, "s.out")
     vm = text(tmp_path, "vm").strip()
