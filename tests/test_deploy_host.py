@@ -119,6 +119,9 @@ $H/setup.sh > $W/s1.out 2>&1; echo $? > $W/s1.rc
 $H/setup.sh > $W/s2.out 2>&1; echo $? > $W/s2.rc
 cp $W/systemd/log $W/log2
 nft list ruleset > $W/rules2
+# the units as installed, with the binaries they run in place
+(cd /etc/systemd/system && systemd-analyze verify rexec.service qtfs-engine.service \
+  rootfs-offload-firewall.service) > $W/verify.out 2>&1; echo $? > $W/verify.rc
 echo "dpu $(probe $DPU) stranger $(probe $STRANGER)" > $W/open2
 $H/status.sh > $W/st.out 2>&1; echo $? > $W/st.rc
 $H/teardown.sh > $W/t1.out 2>&1; echo $? > $W/t1.rc
@@ -147,6 +150,8 @@ echo "dpu $(probe $DPU) stranger $(probe $STRANGER)" > $W/open3
     assert "restart rexec.service qtfs-engine.service" in log
     # the second run changed nothing, so it restarted nothing
     assert log.count("daemon-reload") == 1 and log[-1] == "start rexec.service qtfs-engine.service"
+    if shutil.which("systemd-analyze"):
+        assert rc(tmp_path, "verify") == 0, text(tmp_path, "verify.out")
     status = text(tmp_path, "st.out")
     assert f"rexec port 7777      {HOST_IP}" in status
     assert f"firewall (inet rootfs_offload) loaded: the offload ports answer {DPU_IP} only" \
@@ -168,6 +173,11 @@ def upper_files(work: Path) -> list[str]:
 def test_setup_with_a_module_for_another_kernel_changes_nothing(tmp_path: Path) -> None:
     host = host_dir(tmp_path, "out", kernel="1.2.3-other")
     res = run_ns(HOST_SANDBOX + f"""
+# something else holds the qtfs port
+python3 -c 'import socket, time; s = socket.socket(); s.bind(("0.0.0.0", 12345)); s.listen(); \
+time.sleep(60)' &
+echo $! > $W/squatter
+for i in $(seq 100); do grep -q ':3039 00000000:0000 0A' /proc/net/tcp && break; sleep 0.05; done
 {host}/setup.sh > $W/s.out 2>&1; echo $? > $W/s.rc
 nft list ruleset > $W/rules
 """, tmp_path, shield=False, net=True)
@@ -175,7 +185,10 @@ nft list ruleset > $W/rules
     out = text(tmp_path, "s.out")
     assert rc(tmp_path, "s") == 1, out
     assert f"qtfs_server.ko was built for kernel 1.2.3-other, this host runs {platform.release()}" \
-        in out and "nothing was changed" in out
+        in out
+    squatter = text(tmp_path, "squatter").strip()
+    assert f"port 12345 (qtfs_server) is in use by {squatter}(python3)" in out
+    assert "2 problem(s); nothing was changed" in out
     assert upper_files(tmp_path) == []          # no file, no directory
     assert not (tmp_path / "systemd/log").exists()  # no systemctl
     assert text(tmp_path, "rules") == ""        # no firewall

@@ -110,6 +110,9 @@ $D/status.sh --rehearse $W/host > $W/s2.out 2>&1; echo $? > $W/s2.rc
         assert "skipped" in text(tmp_path, "p1.out")
     assert rc(tmp_path, "s1") == 0, text(tmp_path, "s1.out")
     assert f"{len(r.table) - len(skipped)} up, 0 down" in text(tmp_path, "s1.out")
+    # where this DPU expects the host (issue 16)
+    assert ("host: rexec_server tcp://192.168.1.1:7777 (TLS off), qtfs server 192.168.1.1:12345, "
+            "QMP 192.168.1.1:32323, consoles 192.168.1.1:50000-58191") in text(tmp_path, "s1.out")
     # a second prepare changes nothing at all
     assert rc(tmp_path, "p2") == 0, text(tmp_path, "p2.out")
     assert text(tmp_path, "mi1") == text(tmp_path, "mi2")
