@@ -548,7 +548,8 @@ def _host_readme(cfg: DeployConfig, shipped: Sequence[str]) -> str:
                     ("rexec-tls.key", f"-> {REXEC_TLS_DIR}/server.key (root, 0400)")):
         if n in shipped:
             rows.append((n, what))
-    lines = "".join(f"{n:<20}{what}\n" for n, what in rows)
+    width = max(len(n) for n, _ in rows) + 2
+    lines = "".join(f"{n:<{width}}{what}\n" for n, what in rows)
     listen = (f"qtfs_server.ko listens on {_bracket(cfg.qtfs_listen_ip)}:{QTFS_PORT}, "
               f"rexec_server on tcp://{cfg.rexec_listen}")
     if cfg.host_listen == "any":
