@@ -142,6 +142,40 @@ snap mi3
     assert below(tmp_path, "mi3", rootfs) == []
 
 
+def test_a_full_v1_set_is_decided_once_and_kept(tmp_path: Path, rootfs: Path) -> None:
+    """When every controller the kernel offers mounts, prepare keeps cgroup v1
+    and records it.  (This machine's cpu and cpuacct are separate hierarchies
+    already, so cpu,cpuacct cannot mount here: the kernel's list is given
+    without them, which makes that controller one the kernel lacks.)"""
+    r = render(tmp_path, rootfs)
+    offered = [line for line in Path("/proc/cgroups").read_text().splitlines()
+               if line.split("\t")[0] not in ("cpu", "cpuacct")]
+    (tmp_path / "cgroups").write_text("\n".join(offered) + "\n")
+    res = run_ns(f"""
+D={r.dpu}
+export ROOTFS_BUILD_PROC_CGROUPS=$W/cgroups
+$D/prepare.sh --rehearse $W/host > $W/p1.out 2>&1; echo $? > $W/p1.rc
+snap mi1
+$D/prepare.sh --rehearse $W/host > $W/p2.out 2>&1; echo $? > $W/p2.rc
+snap mi2
+$D/teardown.sh --rehearse $W/host > $W/t.out 2>&1; echo $? > $W/t.rc
+snap mi3
+""", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert rc(tmp_path, "p1") == 0, text(tmp_path, "p1.out")
+    root_idx = next(i for i, e in enumerate(r.table) if e.target == "/sys/fs/cgroup")
+    assert read_info(tmp_path, rootfs, "mi1")[f"cgroup.{root_idx}"] == "v1"
+    mounted = below(tmp_path, "mi1", rootfs)
+    assert (resolve_in_root(rootfs, "/sys/fs/cgroup"), "tmpfs") in mounted
+    assert (resolve_in_root(rootfs, "/sys/fs/cgroup/memory"), "cgroup") in mounted
+    _, skipped = read_state(tmp_path, rootfs, "mi1")
+    assert {r.table[i].target for i in skipped} >= {"/sys/fs/cgroup/cpu,cpuacct"}
+    assert all("not available in this kernel" in why for why in skipped.values()), skipped
+    assert rc(tmp_path, "p2") == 0 and "0 mounted now" in text(tmp_path, "p2.out")
+    assert text(tmp_path, "mi2") == text(tmp_path, "mi1")
+    assert rc(tmp_path, "t") == 0 and below(tmp_path, "mi3", rootfs) == []
+
+
 # ---------------------------------------------------------------------------
 # point 3: one state per root
 
