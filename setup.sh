@@ -12,6 +12,7 @@ packages=(
   squashfs-tools-ng libarchive13                                 # squashfs, mke2fs -d tar
   gcc libc6-dev binutils kmod file                               # demo inputs, checks
   shellcheck util-linux rpm                                      # tests: scripts, rpms
+  nftables iproute2 openssh-client                               # host firewall, signing
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -11,6 +11,7 @@ directory for values given with --set.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -181,7 +182,7 @@ class Recipe:
 
 
 def resolve(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
+    p = Path(os.path.expanduser(value))  # leaves ~nosuchuser as it is
     return p if p.is_absolute() else base / p
 
 

@@ -13,6 +13,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 # Absolute paths of plain characters: no spaces, quotes, globs, $, `, ;, newlines.
 PATH_RE = re.compile(r"^/[A-Za-z0-9._+@%=:,/-]*$")
 KERNEL_RE = re.compile(r"^[A-Za-z0-9._+~-]+$")
+# A listen address: 192.168.1.1:7777 or [fe80::1]:7777
+LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]+)$")
+# A command name rexec_server may run (its whitelist matches the command exactly)
+COMMAND_RE = re.compile(r"^[A-Za-z0-9._+-]{1,128}$")
 LOG_LEVELS = ("NONE", "ERROR", "WARN", "INFO", "DEBUG")
 
 
@@ -53,6 +57,29 @@ def check_abs_path(value: object) -> str:
         raise ValueError(
             f"{value!r} is not an absolute path of plain characters "
             "(letters, digits and . _ + @ % = : , / - only; no '..')")
+    return value
+
+
+def check_listen(value: object) -> str:
+    """An address:port to listen on, normalized ([v6]:port for IPv6)."""
+    m = LISTEN_RE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"{value!r} is not an address:port to listen on "
+                         "(like 192.168.1.1:7777 or [fe80::1]:7777)")
+    ip = check_ip(m.group("v6") or m.group("v4"))
+    if (":" in ip) != bool(m.group("v6")):
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets ([fe80::1]:7777)")
+    port = check_port(m.group("port"))
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def check_command(value: object) -> str:
+    """A command for rexec's whitelist: a plain name or an absolute path."""
+    if isinstance(value, str) and value.startswith("/"):
+        return check_abs_path(value)
+    if not isinstance(value, str) or not COMMAND_RE.match(value):
+        raise ValueError(f"{value!r} is not a command name or absolute path "
+                         "(letters, digits and . _ + - only)")
     return value
 
 
@@ -142,4 +169,6 @@ CHECKS = {
     "log_level": check_log_level,
     "kernel": check_kernel_release,
     "mode": check_mode,
+    "listen": check_listen,
+    "command": check_command,
 }

@@ -75,20 +75,23 @@ def make_fake_rootfs(root: Path) -> Path:
     return root
 
 
-def add_fake_daemons(root: Path) -> None:
+def add_fake_daemons(root: Path, pidfiles: bool = False) -> None:
     """virtlogd/libvirtd stand-ins: with -d they start a copy of sleep named like
     the daemon (so its comm matches) holding the chroot's /dev/null open, and
-    write their CMD_NET_ADDR to /tmp/<name>.env."""
+    write their CMD_NET_ADDR and USE_TLS to /tmp/<name>.env; with `pidfiles`
+    also /var/run/<name>.pid, as the real daemons do."""
     fake = root / "usr/libexec/fake"
     fake.mkdir(parents=True, exist_ok=True)
     for name in ("virtlogd", "libvirtd"):
         shutil.copy2("/usr/bin/sleep", fake / name)
+        pidfile = f"  echo $! > /var/run/{name}.pid\n" if pidfiles else ""
         script = root / "usr/sbin" / name
         script.write_text(
             "#!/usr/bin/bash\n"
             'if [ "${1:-}" = -d ]; then\n'
-            f'  printf "%s\\n" "${{CMD_NET_ADDR:-}}" > /tmp/{name}.env\n'
+            f'  printf "%s %s\\n" "${{CMD_NET_ADDR:-}}" "${{USE_TLS-unset}}" > /tmp/{name}.env\n'
             f"  /usr/libexec/fake/{name} 300 </dev/null >/dev/null 2>&1 &\n"
+            f"{pidfile}"
             "fi\n")
         script.chmod(0o755)
 
@@ -104,22 +107,37 @@ class Rendered:
         return self.out / "dpu"
 
 
-def render(tmp: Path, root: Path, mounts: Sequence[dict] = (), **kw) -> Rendered:
-    params = {"name": "demo", "host_ip": "192.168.1.1", "rexec_port": 7777,
-              "rootfs": str(root)}
+def render(tmp: Path, root: Path, mounts: Sequence[dict] = (),
+           table: Sequence[MountEntry] | None = None, **kw) -> Rendered:
+    """dpu/ and host/ for the fake rootfs `root`: the default table plus
+    `mounts`, or exactly `table`; `kw` are element params."""
+    params = {"host_ip": "192.168.1.1", "dpu_ip": "192.168.1.2", "rexec_port": 7777,
+              "rootfs_path": str(root)}
     params.update(kw)
-    cfg = DeployConfig.from_params(params, "deploy")
-    table = mount_table(list(mounts), "mounts")
+    cfg = DeployConfig.from_params("demo", params)
+    entries = list(table) if table is not None else mount_table(list(mounts), "mounts")
     out = tmp / "out" / "demo"
-    render_deploy(out, cfg, table)
-    return Rendered(out, cfg, table)
+    render_deploy(out, cfg, entries)
+    return Rendered(out, cfg, entries)
 
 
 DRIVER_HEAD = r"""
 set -u
 mount --make-rprivate /
-# the rootfs binds the machine's /var/lib, and prepare creates /var/lib/libvirt
-# through it: keep that in this namespace
+# snap NAME: the mount table and prepare's state (a real deployment's in
+# $W/state, a rehearsal's in $W/host/.rehearsal) as they are now
+snap() {
+  cat /proc/self/mountinfo > "$W/$1"
+  rm -rf "$W/$1.state" "$W/$1.rehearsal"
+  cp -r "$W/state" "$W/$1.state" 2>/dev/null || true
+  cp -r "$W/host/.rehearsal" "$W/$1.rehearsal" 2>/dev/null || true
+}
+"""
+
+# A safety net for tests about other things: the machine's /var/lib and /dev
+# stay out of reach even if a rehearsal wrote through to them (the test of
+# point 4 of issue 13 runs without it and checks that no rehearsal does).
+SHIELD = r"""
 mount -t tmpfs tmpfs /var/lib
 DEV_BEFORE=$(ls -A /dev)
 cleanup_dev() {
@@ -129,24 +147,103 @@ cleanup_dev() {
   done
 }
 trap cleanup_dev EXIT
-# snap NAME: the mount table and prepare's state as they are now
-snap() {
-  cat /proc/self/mountinfo > "$W/$1"
-  rm -rf "$W/$1.state"
-  cp -r "$W/state" "$W/$1.state" 2>/dev/null || true
-}
 """
+
+# systemctl for machines where systemd is not running (this one): a stand-in
+# that records its calls in $W/systemd/log and keeps unit state in
+# $W/systemd: units/U (the unit exists), active/U (the pid it runs as),
+# masked/U.  Starting a unit is the test's business (it writes active/U).
+SYSTEMCTL = r"""
+mkdir -p $W/systemd/units $W/systemd/active $W/systemd/masked
+cat > /usr/local/sbin/systemctl <<'EOF'
+#!/bin/bash
+S=$W/systemd
+echo "$*" >> $S/log
+stop() {
+  local p
+  p=$(cat "$S/active/$1" 2>/dev/null) && kill "$p" 2>/dev/null
+  rm -f "$S/active/$1"
+}
+cmd=$1; shift
+now=0 units=()
+for a; do
+  case $a in --runtime | --quiet | -- | -p | --value) ;; --now) now=1 ;; *) units+=("$a") ;; esac
+done
+case $cmd in
+show) u=${units[-1]}
+  if [ -e "$S/masked/$u" ]; then echo masked
+  elif [ -e "$S/units/$u" ]; then echo loaded
+  else echo not-found; fi ;;
+is-active) p=$(cat "$S/active/${units[0]}" 2>/dev/null) && kill -0 "$p" 2>/dev/null ;;
+mask) for u in "${units[@]}"; do touch "$S/masked/$u"; [ $now = 0 ] || stop "$u"; done ;;
+unmask) for u in "${units[@]}"; do rm -f "$S/masked/$u"; done ;;
+stop | disable) for u in "${units[@]}"; do stop "$u"; done ;;
+start | restart | enable)
+  for u in "${units[@]}"; do
+    [ ! -e "$S/masked/$u" ] || { echo "$u is masked" >&2; exit 1; }
+  done ;;
+esac
+exit 0
+EOF
+chmod 0755 /usr/local/sbin/systemctl
+"""
+
+# A DPU in a mount namespace, for the scripts' real (not rehearsal) mode on a
+# machine without qtfs: /run and /etc are private (tmpfs; an overlay whose
+# upper layer $W/etc-upper shows what was written), qtfs counts as loaded
+# (/sys/module/qtfs in a tmpfs), systemd as running (/run/systemd/system), and
+# /usr/local/sbin (first on the scripts' PATH) holds stand-ins: rmmod records
+# its call and unloads the stand-in module; systemctl is SYSTEMCTL's.
+REAL_DPU = r"""
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/system $W/etc-upper $W/etc-work
+mount -t overlay sandbox -o lowerdir=/etc,upperdir=$W/etc-upper,workdir=$W/etc-work /etc
+mount -t tmpfs tmpfs /sys/module
+mkdir /sys/module/qtfs
+mount -t tmpfs tmpfs /usr/local/sbin
+cat > /usr/local/sbin/rmmod <<'EOF'
+#!/bin/bash
+echo "rmmod $*" >> "$W/rmmod.log"
+rmdir "/sys/module/$1"
+EOF
+chmod 0755 /usr/local/sbin/rmmod
+""" + SYSTEMCTL
+
+# A host in namespaces (run_ns with net=True): /etc, /usr, /var and /home are
+# overlays whose upper layers ($W/upper/<dir>) catch every write, /run is a
+# tmpfs, systemctl is SYSTEMCTL's stand-in, and the network namespace is the
+# driver's own (nft loads nothing into the machine's ruleset).
+HOST_SANDBOX = r"""
+for d in etc usr var home; do
+  mkdir -p $W/upper/$d $W/work/$d
+  mount -t overlay sandbox -o lowerdir=/$d,upperdir=$W/upper/$d,workdir=$W/work/$d /$d
+done
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /usr/local/sbin
+ip link set lo up
+""" + SYSTEMCTL
 
 
 def run_ns(driver: str, work: Path, env: dict[str, str] | None = None,
-           timeout: int = 60) -> subprocess.CompletedProcess[str]:
-    """Run a bash driver in a fresh private mount namespace; $W is `work`."""
+           timeout: int = 60, shield: bool = True, net: bool = False,
+           pidns: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a bash driver in a fresh private mount namespace; $W is `work`.
+
+    ``pidns``: also a fresh pid namespace, whose pid 1 is the driver: every
+    process it starts dies with it, even when the test fails or times out
+    (and pgrep sees only them).  ``net``: that, and a fresh network namespace
+    (with every network namespace its processes hold)."""
     script = work / "driver.sh"
-    script.write_text(DRIVER_HEAD + driver)
+    script.write_text(DRIVER_HEAD + (SHIELD if shield else "") + driver)
     full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "W": str(work),
                 "ROOTFS_BUILD_STATE_DIR": str(work / "state"), "LC_ALL": "C"}
     full_env.update(env or {})
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "bash", str(script)],
+    cmd = ["unshare", "-m", "--propagation", "private"]
+    if net:
+        cmd += ["-n"]
+    if net or pidns:
+        cmd += ["-p", "--fork", "--kill-child", "--mount-proc"]
+    return subprocess.run([*cmd, "bash", str(script)],
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
@@ -191,13 +288,41 @@ def remove_tree(path: Path) -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
 
 
-def read_state(work: Path, root: Path, state: str = "state") -> tuple[list[str], dict[int, str]]:
-    """(recorded mount paths in order, skipped entries idx -> reason) of a prepare run,
-    from $ROOTFS_BUILD_STATE_DIR (or a copy the driver made: `state`)."""
-    d = work / state / ("root" + str(root).replace("/", "_"))
+def state_dir(base: Path, root: Path) -> Path:
+    """Where prepare keeps the state of `root` below `base`: a hash of the path."""
+    return base / hashlib.sha256(str(root).encode()).hexdigest()[:32]
+
+
+def read_info(work: Path, root: Path, snap: str | None = None,
+              rehearsal: bool = True) -> dict[str, str]:
+    """The state's info file (table, mode, root, cgroup.N decisions)."""
+    d = state_dir(_state_base(work, snap, rehearsal), root)
+    info = {}
+    if (d / "info").exists():
+        for line in (d / "info").read_text().splitlines():
+            key, _, value = line.partition("=")
+            info[key] = value
+    return info
+
+
+def _state_base(work: Path, snap: str | None, rehearsal: bool) -> Path:
+    if rehearsal:
+        return work / f"{snap}.rehearsal" if snap else work / "host" / ".rehearsal"
+    return work / f"{snap}.state" if snap else work / "state"
+
+
+def read_state(work: Path, root: Path, snap: str | None = None,
+               rehearsal: bool = True) -> tuple[list[str], dict[int, str]]:
+    """(recorded mount paths in order, skipped entries idx -> reason) of a
+    prepare run: a rehearsal's (in $W/host/.rehearsal) or a real one's (in
+    $ROOTFS_BUILD_STATE_DIR), as it is now or in the copy `snap` made."""
+    d = state_dir(_state_base(work, snap, rehearsal), root)
     mounts = []
     if (d / "mounts").exists():
-        mounts = [line.split("\t", 1)[1] for line in (d / "mounts").read_text().splitlines()]
+        for line in (d / "mounts").read_text().splitlines():
+            tag, _, path = line.partition("\t")
+            if tag.isdigit() or tag == "image":
+                mounts.append(path)
     skipped = {}
     if (d / "skipped").exists():
         for line in (d / "skipped").read_text().splitlines():

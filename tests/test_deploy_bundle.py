@@ -36,11 +36,16 @@ def build_output(tmp: Path, artifact: str = "rootfs.tar",
     if artifact != "rootfs.tar":
         tool = {"rootfs.tar.zst": ["zstd", "-q", "--rm"], "rootfs.tar.gz": ["gzip"]}[artifact]
         subprocess.run([*tool, str(out / "rootfs.tar")], check=True)
-    cfg = DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777)
+    cfg = DeployConfig(name="demo", host_ip="192.168.1.1", dpu_ip="192.168.1.2")
     render_deploy(out, cfg, mount_table([], "mounts"))
     (out / "manifest.json").write_text('{"name": "demo"}\n')
     write_sums(out)
     return out
+
+
+def bundle(output_root: Path, epoch: int = EPOCH, **kw) -> Path:
+    """make_bundle for <output_root>/demo; its path."""
+    return Path(make_bundle(output_root, "demo", epoch, **kw)["path"])
 
 
 def unpack_bundle(bundle: Path, dest: Path) -> Path:
@@ -64,14 +69,14 @@ def listing(path: Path) -> list[str]:
 
 def test_bundle_layout_and_reproducible_bytes(tmp_path: Path) -> None:
     out = build_output(tmp_path)
-    bundle = make_bundle(out.parent, "demo", EPOCH)
-    assert bundle == out.parent / "demo.bundle.tar"
-    first = bundle.read_bytes()
+    info = make_bundle(out.parent, "demo", EPOCH)
+    assert info == {"path": str(out.parent / "demo.bundle.tar"), "signed_by": "unsigned"}
+    first = Path(info["path"]).read_bytes()
     for p in out.rglob("*"):
         os.utime(p, (1, 1))
-    assert make_bundle(out.parent, "demo", EPOCH).read_bytes() == first
+    assert bundle(out.parent).read_bytes() == first
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
-    with tarfile.open(bundle) as t:
+    with tarfile.open(info["path"]) as t:
         members = {m.name.removeprefix("./"): m for m in t.getmembers()}
         names = [m.name for m in t.getmembers()]
     assert "demo/install.sh" in members and "demo/rootfs.tar" in members
@@ -85,9 +90,9 @@ def test_bundle_layout_and_reproducible_bytes(tmp_path: Path) -> None:
     # from a staging directory into a staging path: the same bytes
     staging = tmp_path / ".staging"
     shutil.copytree(out, staging)
-    other = make_bundle(out.parent, "demo", EPOCH, src=staging, dest=tmp_path / "b.part")
+    other = bundle(out.parent, src=staging, dest=tmp_path / "b.part")
     assert other == tmp_path / "b.part" and other.read_bytes() == first
-    assert make_bundle(out.parent, "demo", EPOCH + 1).read_bytes() != first
+    assert bundle(out.parent, EPOCH + 1).read_bytes() != first
 
 
 def test_make_bundle_checks_the_output(tmp_path: Path) -> None:
@@ -100,11 +105,15 @@ def test_make_bundle_checks_the_output(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checksum mismatch for manifest.json"):
         make_bundle(out.parent, "demo", EPOCH)
     write_sums(out)
-    (out / "install.sh").write_text("x")
-    write_sums(out)
-    with pytest.raises(UserError, match="install.sh is reserved"):
-        make_bundle(out.parent, "demo", EPOCH)
+    # the installer is part of the output, covered by SHA256SUMS like the rest
+    installer = (out / "install.sh").read_text()
     (out / "install.sh").unlink()
+    write_sums(out)
+    with pytest.raises(UserError, match="no install.sh to bundle"):
+        make_bundle(out.parent, "demo", EPOCH)
+    (out / "install.sh").write_text(installer)
+    with pytest.raises(UserError, match="install.sh is not listed in SHA256SUMS"):
+        make_bundle(out.parent, "demo", EPOCH)
     (out / "rootfs.tar").unlink()
     write_sums(out)
     with pytest.raises(UserError, match="no rootfs artifact"):
@@ -127,7 +136,7 @@ def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
     else:
         subprocess.run(["zstd", "-q", "-d", str(out / artifact), "-o", str(site / "source.tar")],
                        check=True)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     target = site / "rootfs"
     try:
         # --dry-run: checks everything, writes nothing
@@ -161,7 +170,7 @@ def test_install_gives_the_rootfs_tree(tmp_path: Path, artifact: str) -> None:
 @pytest.mark.root
 def test_install_refuses_a_changed_byte(tmp_path: Path) -> None:
     out = build_output(tmp_path)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     data = bytearray((bdir / "rootfs.tar").read_bytes())
     data[1536] ^= 0x01
     (bdir / "rootfs.tar").write_bytes(bytes(data))
@@ -176,7 +185,7 @@ def test_install_refuses_a_changed_byte(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_install_refuses_unlisted_files(tmp_path: Path) -> None:
     out = build_output(tmp_path)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     (bdir / "dpu/evil.sh").write_text("#!/bin/sh\n")
     site = tmp_path / "site"
     site.mkdir()
@@ -204,7 +213,7 @@ def _escaping(kind: str) -> tarfile.TarInfo:
                                   "hardlink-absolute"])
 def test_install_refuses_escaping_members(tmp_path: Path, kind: str) -> None:
     out = build_output(tmp_path, extra=[_escaping(kind)])
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "deep" / "site"
     site.mkdir(parents=True)
     r = install(bdir, "--target", str(site / "rootfs"))
@@ -217,26 +226,214 @@ def test_install_refuses_escaping_members(tmp_path: Path, kind: str) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(not have_unshare(), reason="needs root and unshare -m")
-def test_install_refuses_a_mounted_target(tmp_path: Path) -> None:
+def test_install_into_a_mount_point(tmp_path: Path) -> None:
+    """Issue 13 point 8: a rootfs on its own partition (the target is a mount
+    point) is installed into with --force; mounts below the target (a prepared
+    rootfs) are still refused, and so is an image, which prepare.sh would
+    mount on the target itself."""
     out = build_output(tmp_path)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    (out / "rootfs.raw").write_bytes(FAKE_IMAGES["rootfs.raw"])
+    write_sums(out)
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "site"
     (site / "rootfs/dev").mkdir(parents=True)
-    (site / "other").mkdir()
+    part = site / "part"
+    (part / "lost+found").mkdir(parents=True)
+    (part / "old-file").write_text("x")
+    shutil.copy(out / "rootfs.tar", tmp_path / "source.tar")
     res = run_ns(f"""
 mount -t tmpfs tmpfs {site}/rootfs/dev
 {bdir}/install.sh --target {site}/rootfs --force > $W/a.out 2>&1; echo $? > $W/a.rc
 umount {site}/rootfs/dev
-mount -t tmpfs tmpfs {site}/other
-{bdir}/install.sh --target {site}/other --force > $W/b.out 2>&1; echo $? > $W/b.rc
+# the partition: here a bind mount of the directory on itself, so what is
+# installed outlives this namespace for the checks below
+mount --bind {part} {part}
+{bdir}/install.sh --target {part} > $W/b.out 2>&1; echo $? > $W/b.rc
+{bdir}/install.sh --target {part} --format raw --force > $W/c.out 2>&1; echo $? > $W/c.rc
+{bdir}/install.sh --target {part} --force > $W/d.out 2>&1; echo $? > $W/d.rc
+grep -c " {part} " /proc/self/mountinfo > $W/still
 """, tmp_path)
     assert res.returncode == 0, res.stderr
-    a = (tmp_path / "a.out").read_text()
-    b = (tmp_path / "b.out").read_text()
+    a, b, c, d = ((tmp_path / f"{n}.out").read_text() for n in "abcd")
     assert (tmp_path / "a.rc").read_text() == "1\n" and "rootfs/dev is mounted" in a, a
-    assert (tmp_path / "b.rc").read_text() == "1\n" and "other is mounted" in b, b
-    assert listing(site) == ["other", "rootfs", "rootfs/dev"]
+    assert (tmp_path / "b.rc").read_text() == "1\n", b
+    assert "is a mount point (its own filesystem): --force installs into it" in b
+    assert (tmp_path / "c.rc").read_text() == "1\n" and "is a mount point: prepare.sh mounts" in c
+    assert (tmp_path / "d.rc").read_text() == "0\n", d
+    assert f"installed rootfs.tar into {part}" in d
+    assert (tmp_path / "still").read_text() == "1\n"
+    # lost+found stays (the tarball has none), the old content is gone
+    assert (part / "lost+found").is_dir() and not (part / "old-file").exists()
+    st = part.stat()
+    (part / "lost+found").rmdir()
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    check_tree_is_tar(part, tmp_path / "source.tar")
+    assert sorted(p.name for p in site.iterdir()) == ["part", "part.deploy", "rootfs"]
     remove_tree(site)
+
+
+@pytest.mark.parametrize("target", ["/var/lib", "/var/log", "/var/lib/rootfs", "/var/log/x",
+                                    "/var/cache/rootfs", "/var/spool", "/var/rootfs", "/srv",
+                                    "/mnt", "/usr/local/rootfs", "/etc/rootfs", "/boot/efi",
+                                    "/run/rootfs", "/opt", "/media", "/"])
+def test_install_refuses_system_directories(tmp_path: Path, target: str) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
+    r = install(bdir, "--target", target, "--dry-run")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"refusing to install into {target}: a system directory" in r.stderr
+
+
+def test_install_accepts_a_target_of_its_own(tmp_path: Path) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
+    for target in ("/another_rootfs", "/srv/dpu/rootfs", "/mnt/rootfs", "/home/rootfs"):
+        r = install(bdir, "--target", target, "--dry-run")
+        assert r.returncode == 0 and f"would install rootfs.tar into {target}" in r.stdout, \
+            r.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("planted", ["deploy-dir", "offload.conf", "prepare.sh.new"])
+def test_install_refuses_planted_symlinks(tmp_path: Path, planted: str) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
+    site = tmp_path / "site"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.write_text("root:x:0:0\n")
+    site.mkdir()
+    if planted == "deploy-dir":
+        (site / "rootfs.deploy").symlink_to(elsewhere)
+        link = site / "rootfs.deploy"
+    else:
+        (site / "rootfs.deploy").mkdir()
+        link = site / "rootfs.deploy" / planted
+        link.symlink_to(secret)
+    r = install(bdir, "--target", str(site / "rootfs"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{link} is a symbolic link: refusing to follow it" in r.stderr
+    assert "nothing was installed" in r.stderr
+    assert list(elsewhere.iterdir()) == [] and secret.read_text() == "root:x:0:0\n"
+    assert not (site / "rootfs").exists()
+
+
+# ---------------------------------------------------------------------------
+# signed bundles (issue 13 point 9)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two ed25519 keys, and an allowed-signers (trust) file for each."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("needs ssh-keygen")
+    d = tmp_path_factory.mktemp("keys")
+    out: dict[str, Path] = {}
+    for name in ("release", "other"):
+        key = d / name
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(key)], check=True)
+        trust = d / f"{name}.trust"
+        trust.write_text(f'{name} namespaces="rootfs-build-bundle" '
+                         f"{(d / f'{name}.pub').read_text()}")
+        out[name], out[f"{name}.trust"] = key, trust
+    return out
+
+
+def fingerprint(pub: Path) -> str:
+    return subprocess.run(["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True,
+                          check=True).stdout.split()[1]
+
+
+def test_signed_bundle_verifies_and_says_which_key(tmp_path: Path, keys: dict[str, Path]
+                                                   ) -> None:
+    out = build_output(tmp_path)
+    info = make_bundle(out.parent, "demo", EPOCH, signing_key=keys["release"])
+    fp = fingerprint(keys["release"].with_suffix(".pub"))
+    assert info == {"path": str(out.parent / "demo.bundle.tar"), "signed_by": fp,
+                    "key_type": "ssh-ed25519", "namespace": "rootfs-build-bundle",
+                    "signature": "SHA256SUMS.sig"}
+    first = Path(info["path"]).read_bytes()
+    assert bundle(out.parent, signing_key=keys["release"]).read_bytes() == first  # reproducible
+    bdir = unpack_bundle(Path(info["path"]), tmp_path / "usb")
+    # SHA256SUMS covers the installer, and the signature covers SHA256SUMS
+    assert "  install.sh\n" in (bdir / "SHA256SUMS").read_text()
+    manual = subprocess.run(
+        ["sh", "-c", f"ssh-keygen -Y verify -f {keys['release.trust']} -I release -n "
+                     "rootfs-build-bundle -s SHA256SUMS.sig < SHA256SUMS && sha256sum -c "
+                     "--quiet SHA256SUMS"], cwd=bdir, capture_output=True, text=True)
+    assert manual.returncode == 0, manual.stdout + manual.stderr
+    r = install(bdir, "--target", str(tmp_path / "site/rootfs"), "--trust",
+                str(keys["release.trust"]), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f'Good "rootfs-build-bundle" signature for release with ED25519 key {fp}' in r.stdout
+    # without --trust the installer says it is signed but checks only the sums
+    r = install(bdir, "--target", str(tmp_path / "site/rootfs"), "--dry-run")
+    assert r.returncode == 0 and "--trust FILE would check by whom" in r.stdout
+
+
+def test_a_bundle_signed_by_another_key_is_refused(tmp_path: Path, keys: dict[str, Path]
+                                                   ) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent, signing_key=keys["other"]), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"), "--trust", str(keys["release.trust"]))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "SHA256SUMS.sig was not made by a key in" in r.stderr
+    assert "nothing was installed" in r.stderr and listing(site) == []
+
+
+@pytest.mark.root
+def test_a_file_changed_with_remade_sums_is_refused_with_trust(tmp_path: Path,
+                                                              keys: dict[str, Path]) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent, signing_key=keys["release"]), tmp_path / "usb")
+    data = bytearray((bdir / "rootfs.tar").read_bytes())
+    data[1536] ^= 0x01
+    (bdir / "rootfs.tar").write_bytes(bytes(data))
+    sig = (bdir / "SHA256SUMS.sig").read_bytes()
+    write_sums(bdir)  # the attacker's SHA256SUMS (install.sh and the signature not in it)
+    sums = "".join(line + "\n" for line in (bdir / "SHA256SUMS").read_text().splitlines()
+                   if not line.endswith(("  SHA256SUMS.sig",)))
+    (bdir / "SHA256SUMS").write_text(sums)
+    (bdir / "SHA256SUMS.sig").write_bytes(sig)
+    site = tmp_path / "site"
+    site.mkdir()
+    # the checksums alone agree with each other: only the signature tells
+    r = install(bdir, "--target", str(site / "rootfs"), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = install(bdir, "--target", str(site / "rootfs"), "--trust", str(keys["release.trust"]))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the signature of SHA256SUMS does not verify" in r.stderr
+    assert "nothing was installed" in r.stderr and listing(site) == []
+
+
+def test_an_unsigned_bundle_is_refused_with_trust(tmp_path: Path, keys: dict[str, Path]) -> None:
+    out = build_output(tmp_path)
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
+    site = tmp_path / "site"
+    site.mkdir()
+    r = install(bdir, "--target", str(site / "rootfs"), "--trust", str(keys["release.trust"]))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the bundle is not signed (no SHA256SUMS.sig), and --trust was given" in r.stderr
+    assert listing(site) == []
+    r = install(bdir, "--target", str(site / "rootfs"), "--dry-run")
+    assert r.returncode == 0 and "the bundle is not signed" in r.stdout
+
+
+def test_a_key_that_cannot_sign_is_refused_before_the_build(tmp_path: Path,
+                                                           keys: dict[str, Path]) -> None:
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)],
+                   check=True)
+    for key in (locked, keys["release"].with_suffix(".pub")):
+        with pytest.raises(UserError) as info:
+            DeployConfig(name="demo", host_ip="192.168.1.1", dpu_ip="192.168.1.2",
+                         bundle_signing_key=key)
+        assert info.value.where == "params.bundle_signing_key"
+        assert "cannot sign" in info.value.message
 
 
 @pytest.mark.root
@@ -246,7 +443,7 @@ def test_install_prefers_the_plain_tar(tmp_path: Path) -> None:
     out = build_output(tmp_path)
     subprocess.run(["zstd", "-q", "-k", str(out / "rootfs.tar")], check=True)
     write_sums(out)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "site"
     site.mkdir()
     shutil.copy(out / "rootfs.tar", site / "source.tar")
@@ -262,7 +459,7 @@ def test_install_prefers_the_plain_tar(tmp_path: Path) -> None:
 
 def test_installer_help_documents_the_scripts_location(tmp_path: Path) -> None:
     out = build_output(tmp_path)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     r = install(bdir, "--help")
     assert r.returncode == 0 and "DIR.deploy" in r.stdout and "--scripts DIR" in r.stdout
     r = install(bdir, "--target", "/usr", "--dry-run")
@@ -290,7 +487,7 @@ def image_output(tmp: Path, images: list[str], tar: bool = False) -> Path:
     else:
         out = tmp / "out" / "demo"
         out.mkdir(parents=True)
-        render_deploy(out, DeployConfig(name="demo", host_ip="192.168.1.1", rexec_port=7777),
+        render_deploy(out, DeployConfig(name="demo", host_ip="192.168.1.1", dpu_ip="192.168.1.2"),
                       mount_table([], "mounts"))
         (out / "manifest.json").write_text('{"name": "demo"}\n')
     for name in images:
@@ -306,7 +503,7 @@ def conf_of(path: Path) -> dict[str, str]:
 
 def test_bundle_with_images_only_and_the_format_choice(tmp_path: Path) -> None:
     out = image_output(tmp_path, ["rootfs.raw", "rootfs.squashfs", "rootfs.qcow2"])
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     assert (bdir / "rootfs.raw").read_bytes() == FAKE_IMAGES["rootfs.raw"]
     target = tmp_path / "site/rootfs"
     # default: raw before squashfs (a tarball would come first)
@@ -327,7 +524,7 @@ def test_bundle_with_images_only_and_the_format_choice(tmp_path: Path) -> None:
 
 def test_qcow2_only_bundle_is_refused(tmp_path: Path) -> None:
     out = image_output(tmp_path, ["rootfs.qcow2"])
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "site"
     site.mkdir()
     r = install(bdir, "--target", str(site / "rootfs"))
@@ -341,7 +538,7 @@ def test_install_refuses_an_image_of_the_wrong_kind(tmp_path: Path) -> None:
     out = image_output(tmp_path, [])
     (out / "rootfs.raw").write_bytes(FAKE_IMAGES["rootfs.squashfs"])
     write_sums(out)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "site"
     site.mkdir()
     r = install(bdir, "--target", str(site / "rootfs"), "--dry-run")
@@ -352,7 +549,7 @@ def test_install_refuses_an_image_of_the_wrong_kind(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_install_image_then_tar_and_back(tmp_path: Path) -> None:
     out = image_output(tmp_path, ["rootfs.raw"], tar=True)
-    bdir = unpack_bundle(make_bundle(out.parent, "demo", EPOCH), tmp_path / "usb")
+    bdir = unpack_bundle(bundle(out.parent), tmp_path / "usb")
     site = tmp_path / "site"
     site.mkdir()
     target, image, deploy = site / "rootfs", site / "rootfs.raw", site / "rootfs.deploy"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -22,12 +23,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import Build, extract_tar, mounts_under
+from conftest import Build, extract_tar, mounts_under, run_cli
 from deploy_helpers import (
     check_tree_is_tar,
     have_unshare,
     mounts_below,
     parse_mountinfo,
+    read_info,
     read_state,
     remove_tree,
     run_ns,
@@ -53,17 +55,18 @@ SHIM_ARGS = ("a b", "c,d", "e'f")
 SHIM = ("chroot $R /usr/bin/qemu-kvm " + " ".join(shlex.quote(a) for a in SHIM_ARGS)
         + " > $W/shim.out 2>&1; echo $? > $W/shim.rc\n")
 
-# the demo daemons' pids (from their pid files) and whether they run inside $R
+# the demo daemons' pids (from their pid files, in the rootfs's /var/run: a
+# rehearsal's overlay of the machine's) and whether they run inside $R
 DAEMONS = """
 for d in virtlogd libvirtd; do
-  pid=$(cat /run/$d.pid 2>/dev/null)
+  pid=$(cat $R/var/run/$d.pid 2>/dev/null)
   echo "$d ${pid:-none} $(readlink /proc/$pid/root 2>/dev/null)" >> $W/$1
 done
 """
 
 GONE = """
 for d in virtlogd libvirtd; do
-  pid=$(cat /run/$d.pid 2>/dev/null) || continue
+  pid=$(cat $W/$d.pid 2>/dev/null) || continue
   st=$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)
   echo "$d ${st:-gone}" >> $W/$1
 done
@@ -125,8 +128,10 @@ def rendered_table(prepare: Path) -> list[tuple[str, str]]:
 def check_table_mounted(table: list[tuple[str, str]], root: Path, work: Path, snap: str,
                         image: bool = False) -> None:
     """Every entry of the table is mounted where it resolves (skipped ones: cgroup
-    v1 controllers this kernel lacks), recorded in table order (after the image)."""
-    recorded, skipped = read_state(work, root, snap + ".state")
+    v1 controllers, when prepare chose cgroup2 or the kernel lacks them),
+    recorded in table order (after the image)."""
+    recorded, skipped = read_state(work, root, snap)
+    info = read_info(work, root, snap)
     assert all(table[i][0] == "cgroup" for i in skipped), skipped
     expected = [os.path.realpath(str(root) + target) for i, (_, target) in enumerate(table)
                 if i not in skipped]
@@ -138,7 +143,13 @@ def check_table_mounted(table: list[tuple[str, str]], root: Path, work: Path, sn
     assert Counter(m.path for m in below) == Counter(expected)
     types = {m.path: m.fstype for m in below}
     for i, (mtype, target) in enumerate(table):
-        if i not in skipped and mtype in ("proc", "sysfs", "devtmpfs", "tmpfs", "mqueue"):
+        if i in skipped:
+            continue
+        # a rehearsal overlays the machine's own directories
+        mtype = {"devtmpfs": "overlay", "bind": "overlay"}.get(mtype, mtype)
+        if info.get(f"cgroup.{i}") == "v2":
+            mtype = "cgroup2"
+        if mtype in ("proc", "sysfs", "overlay", "tmpfs", "mqueue", "cgroup2"):
             path = os.path.realpath(str(root) + target)
             assert mtype in [m.fstype for m in below if m.path == path], (path, types[path])
 
@@ -177,9 +188,10 @@ snap mi2
 for f in /etc/rexec/hostaddr /var/run/rexec/hostaddr; do
   chroot $R /usr/bin/cat $f >> $W/seen 2>/dev/null || echo "no $f" >> $W/seen
 done
-$D/start-libvirtd.sh --root $R > $W/s.out 2>&1; echo $? > $W/s.rc
+$D/start-libvirtd.sh --root $R --rehearse $W/host > $W/s.out 2>&1; echo $? > $W/s.rc
 daemons up
-$D/status.sh --root $R > $W/st.out 2>&1; echo $? > $W/st.rc
+for d in virtlogd libvirtd; do cp $R/var/run/$d.pid $W/ 2>/dev/null; done
+$D/status.sh --root $R --rehearse $W/host > $W/st.out 2>&1; echo $? > $W/st.rc
 $D/teardown.sh --root $R --rehearse $W/host > $W/t1.out 2>&1; echo $? > $W/t1.rc
 snap mi3
 gone down
@@ -319,7 +331,7 @@ R={target}
 $D/prepare.sh --rehearse $W/host > $W/p1.out 2>&1; echo $? > $W/p1.rc
 snap mi1
 losetup -a > $W/loops1
-$D/status.sh > $W/st.out 2>&1; echo $? > $W/st.rc
+$D/status.sh --rehearse $W/host > $W/st.out 2>&1; echo $? > $W/st.rc
 $D/prepare.sh --rehearse $W/host > $W/p2.out 2>&1; echo $? > $W/p2.rc
 snap mi2
 # the rootfs may be read-only (squashfs): rexec records in the table's /dev/shm
@@ -386,3 +398,51 @@ snap mi4
     finally:
         assert not mounts_under(site)
         remove_tree(site)
+
+
+# ---------------------------------------------------------------------------
+# issue 16 (host_listen: any) and issue 13 point 9 (a signed bundle) through the
+# build: a warm build of the demo from demo_build's cache (no appliance)
+
+
+def test_build_warns_of_host_listen_any_and_signs_the_bundle(tmp_path: Path,
+                                                            demo_build: Build) -> None:
+    key = tmp_path / "release"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "release", "-f",
+                    str(key)], check=True)
+    pub = (tmp_path / "release.pub").read_text()
+    fp = subprocess.run(["ssh-keygen", "-l", "-f", str(tmp_path / "release.pub")],
+                        capture_output=True, text=True, check=True).stdout.split()[1]
+    res = run_cli(demo_build.recipe, "-o", tmp_path / "out", "--cache-dir", demo_build.cache,
+                  "--json", "--set", "params.host_listen=any",
+                  "--set", f"params.bundle_signing_key={key}")
+    assert res.returncode == 0, res.stderr
+    assert res.json["appliance_launches"] == 0
+    assert "warning: host_listen: any: qtfs_server (port 12345, no authentication) and " \
+        "rexec_server (0.0.0.0:7777) listen on every address of the host" in res.stderr
+    out = tmp_path / "out/demo"
+    deployment = json.loads((out / "manifest.json").read_text())["generated"]["offload-deployment"]
+    assert deployment["host_listen"] == "any" and len(deployment["warnings"]) == 1
+    assert deployment["listen"] == {"qtfs_server": "0.0.0.0:12345",
+                                    "rexec_server": "tcp://0.0.0.0:7777"}
+    assert deployment["firewall"]["admits"] == "192.168.122.2"
+    assert deployment["signing"]["signed_by"] == fp
+    unit = (out / "host/rexec.service").read_text()
+    assert "Environment=CMD_NET_ADDR=tcp://0.0.0.0:7777\n" in unit
+    # the bundle carries the signature, and install.sh checks it first
+    trust = tmp_path / "trust"
+    trust.write_text(f'release namespaces="rootfs-build-bundle" {pub}')
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    subprocess.run(["tar", "-xf", str(tmp_path / "out/demo.bundle.tar"), "-C", str(usb)],
+                   check=True)
+    r = install(usb / "demo", "--target", str(tmp_path / "site/rootfs"), "--trust", str(trust),
+                "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f'Good "rootfs-build-bundle" signature for release with ED25519 key {fp}' in r.stdout
+    # the default build says where it listens, unsigned
+    default = json.loads(demo_build.artifact("manifest.json").read_text())[
+        "generated"]["offload-deployment"]
+    assert default["host_listen"] == "link" and default["warnings"] == []
+    assert default["listen"]["rexec_server"] == "tcp://192.168.122.1:7777"
+    assert default["signing"] == {"signed_by": "unsigned"}

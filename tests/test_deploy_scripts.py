@@ -4,6 +4,8 @@ of a failing mount, SIGKILL half-way, cgroup2 fallback, the libvirt daemons."""
 
 from __future__ import annotations
 
+import json
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from deploy_helpers import (
     have_unshare,
     make_fake_rootfs,
     mounts_below,
+    read_info,
     read_state,
     remove_tree,
     render,
@@ -26,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not have_unshare(), reason="needs root and unshare -m"),
 ]
 
-V1_TYPES = ("proc", "sysfs", "devtmpfs", "hugetlbfs", "mqueue", "tmpfs", "cgroup", "cgroup2")
+PSEUDO_TYPES = ("proc", "sysfs", "hugetlbfs", "mqueue", "tmpfs", "cgroup", "cgroup2")
 
 
 @pytest.fixture
@@ -44,31 +47,38 @@ def rc(work: Path, name: str) -> int:
     return int(text(work, name + ".rc"))
 
 
-def expected_mounts(r: Rendered, root: Path, skipped: dict[int, str]) -> list[tuple[str, str]]:
-    """(path, type) of every table entry prepare must have mounted."""
+def expected_mounts(r: Rendered, root: Path, skipped: dict[int, str],
+                    info: dict[str, str]) -> list[tuple[str, str]]:
+    """(path, filesystem type) of every table entry a rehearsal must have
+    mounted: the machine's own directories (bind, devtmpfs) as overlays, qtfs
+    as a bind mount of HOSTDIR (any type), a cgroup tmpfs as prepare decided."""
     out = []
     for i, e in enumerate(r.table):
         if i in skipped:
             continue
-        out.append((resolve_in_root(root, e.target), e.type))
+        mtype = {"bind": "overlay", "devtmpfs": "overlay", "qtfs": ""}.get(e.type, e.type)
+        if info.get(f"cgroup.{i}") == "v2":
+            mtype = "cgroup2"
+        out.append((resolve_in_root(root, e.target), mtype))
     return out
 
 
 def check_all_mounted(r: Rendered, root: Path, work: Path, snapshot: str) -> None:
-    recorded, skipped = read_state(work, root, snapshot + ".state")
+    recorded, skipped = read_state(work, root, snapshot)
+    info = read_info(work, root, snapshot)
     for i, reason in skipped.items():
         assert r.table[i].type == "cgroup", (r.table[i], reason)
-    expected = expected_mounts(r, root, skipped)
+    expected = expected_mounts(r, root, skipped, info)
     below = mounts_below(text(work, snapshot), root)
     assert Counter(m.path for m in below) == Counter(p for p, _ in expected)
     # prepare recorded them in table order
     assert recorded == [p for p, _ in expected]
-    # and each pseudo filesystem is the right type (qtfs/bind: a bind of some fs)
+    # and each is the right type
     by_path: dict[str, list[str]] = {}
     for m in below:
         by_path.setdefault(m.path, []).append(m.fstype)
     for path, mtype in expected:
-        if mtype in V1_TYPES:
+        if mtype:
             assert mtype in by_path[path], (path, mtype, by_path[path])
 
 
@@ -80,13 +90,13 @@ D={r.dpu}
 mount --make-rshared /
 $D/prepare.sh --rehearse $W/host > $W/p1.out 2>&1; echo $? > $W/p1.rc
 snap mi1
-$D/status.sh > $W/s1.out 2>&1; echo $? > $W/s1.rc
+$D/status.sh --rehearse $W/host > $W/s1.out 2>&1; echo $? > $W/s1.rc
 $D/prepare.sh --rehearse $W/host > $W/p2.out 2>&1; echo $? > $W/p2.rc
 snap mi2
 $D/teardown.sh --rehearse $W/host > $W/t1.out 2>&1; echo $? > $W/t1.rc
 snap mi3
 $D/teardown.sh --rehearse $W/host > $W/t2.out 2>&1; echo $? > $W/t2.rc
-$D/status.sh > $W/s2.out 2>&1; echo $? > $W/s2.rc
+$D/status.sh --rehearse $W/host > $W/s2.out 2>&1; echo $? > $W/s2.rc
 """, tmp_path)
     assert res.returncode == 0, res.stderr
     assert rc(tmp_path, "p1") == 0, text(tmp_path, "p1.out")
@@ -95,11 +105,14 @@ $D/status.sh > $W/s2.out 2>&1; echo $? > $W/s2.rc
     # not propagate to the machine's own /var/lib/libvirt
     assert "/var/lib/libvirt" not in [m.path for m in mounts_below(text(tmp_path, "mi1"),
                                                                      Path("/"))]
-    _, skipped = read_state(tmp_path, rootfs, "mi1.state")
+    _, skipped = read_state(tmp_path, rootfs, "mi1")
     if skipped:  # this machine lacks some cgroup v1 controllers: said so
         assert "skipped" in text(tmp_path, "p1.out")
     assert rc(tmp_path, "s1") == 0, text(tmp_path, "s1.out")
     assert f"{len(r.table) - len(skipped)} up, 0 down" in text(tmp_path, "s1.out")
+    # where this DPU expects the host (issue 16)
+    assert ("host: rexec_server tcp://192.168.1.1:7777 (TLS off), qtfs server 192.168.1.1:12345, "
+            "QMP 192.168.1.1:32323, consoles 192.168.1.1:50000-58191") in text(tmp_path, "s1.out")
     # a second prepare changes nothing at all
     assert rc(tmp_path, "p2") == 0, text(tmp_path, "p2.out")
     assert text(tmp_path, "mi1") == text(tmp_path, "mi2")
@@ -109,7 +122,14 @@ $D/status.sh > $W/s2.out 2>&1; echo $? > $W/s2.rc
         assert (tmp_path / "host" / d / "hostaddr").read_text() == "192.168.1.1\n"
         assert (tmp_path / "host" / d / "rexecport").read_text() == "7777\n"
         assert (tmp_path / "host" / d / "qmpport").read_text() == "32323\n"
+        assert (tmp_path / "host" / d / "usetls").read_text() == "0\n"
     assert (tmp_path / "host/var/run/rexec/pids").is_dir()
+    # rexec's own config (issue 13, point 7): root, 0400, Port as a string
+    client = tmp_path / "host/etc/rexec/client.json"
+    assert json.loads(client.read_text()) == {"Protocol": "tcp", "Ipaddr": "192.168.1.1",
+                                              "Port": "7777"}
+    st = client.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o400, 0, 0)
     # teardown: nothing below the root, and again on a clean system
     assert rc(tmp_path, "t1") == 0, text(tmp_path, "t1.out")
     assert mounts_below(text(tmp_path, "mi3"), rootfs) == []
@@ -141,7 +161,7 @@ $D/teardown.sh --rehearse $W/host > $W/t.out 2>&1; echo $? > $W/t.rc
     assert f"rolled back: unmounted {bad} of the {bad} mount(s)" in err, err
     assert mounts_below(text(tmp_path, "mi1"), rootfs) == []
     assert text(tmp_path, "mi0") == text(tmp_path, "mi1")
-    assert read_state(tmp_path, rootfs, "mi1.state")[0] == []
+    assert read_state(tmp_path, rootfs, "mi1")[0] == []
     assert rc(tmp_path, "t") == 0
 
 
@@ -195,7 +215,7 @@ grep -vw cgroup /proc/filesystems > $W/filesystems
 ROOTFS_BUILD_PROC_FILESYSTEMS=$W/filesystems $D/prepare.sh --rehearse $W/host \
   > $W/p1.out 2>&1; echo $? > $W/p1.rc
 snap nov1
-$D/status.sh > $W/s.out 2>&1; echo $? > $W/s.rc
+$D/status.sh --rehearse $W/host > $W/s.out 2>&1; echo $? > $W/s.rc
 $D/teardown.sh --rehearse $W/host > $W/t1.out 2>&1; echo $? > $W/t1.rc
 snap clean1
 ROOTFS_BUILD_PROC_CGROUPS=$W/cgroups $D/prepare.sh --rehearse $W/host \
@@ -219,14 +239,14 @@ snap clean2
 
 def test_start_libvirtd_and_teardown_stops_it(tmp_path: Path, rootfs: Path) -> None:
     add_fake_daemons(rootfs)
-    r = render(tmp_path, rootfs, rexec_port=6666)
+    r = render(tmp_path, rootfs, rexec_port=6666, rexec_tls=True)
     res = run_ns(f"""
 D={r.dpu}
-$D/start-libvirtd.sh > $W/s0.out 2>&1; echo $? > $W/s0.rc
+$D/start-libvirtd.sh --rehearse $W/host > $W/s0.out 2>&1; echo $? > $W/s0.rc
 $D/prepare.sh --rehearse $W/host > $W/p.out 2>&1; echo $? > $W/p.rc
-$D/start-libvirtd.sh > $W/s1.out 2>&1; echo $? > $W/s1.rc
-$D/start-libvirtd.sh > $W/s2.out 2>&1; echo $? > $W/s2.rc
-$D/status.sh > $W/st.out 2>&1
+$D/start-libvirtd.sh --rehearse $W/host > $W/s1.out 2>&1; echo $? > $W/s1.rc
+$D/start-libvirtd.sh --rehearse $W/host > $W/s2.out 2>&1; echo $? > $W/s2.rc
+$D/status.sh --rehearse $W/host > $W/st.out 2>&1
 # a libvirtd that does not run from the rootfs is none of teardown's business
 cp /usr/bin/sleep $W/libvirtd
 $W/libvirtd 301 </dev/null >/dev/null 2>&1 &
@@ -243,7 +263,9 @@ kill $outside
     assert rc(tmp_path, "s1") == 0, text(tmp_path, "s1.out")
     assert "libvirtd started" in text(tmp_path, "s1.out")
     assert "already runs" in text(tmp_path, "s2.out")
-    assert (rootfs / "tmp/libvirtd.env").read_text() == "tcp://192.168.1.1:6666\n"
+    # the daemons' rexec: CMD_NET_ADDR, and USE_TLS (rexec_tls)
+    assert (rootfs / "tmp/libvirtd.env").read_text() == "tcp://192.168.1.1:6666 1\n"
+    assert (tmp_path / "host/etc/rexec/usetls").read_text() == "1\n"
     assert "virtlogd[" in text(tmp_path, "st.out") and "libvirtd[" in text(tmp_path, "st.out")
     assert rc(tmp_path, "t") == 0, text(tmp_path, "t.out")
     assert "stopping libvirt daemons" in text(tmp_path, "t.out")

@@ -1,32 +1,36 @@
 """The offline provisioning bundle: ``<output_root>/<name>.bundle.tar``.
 
-Layout: ``<name>/install.sh`` plus everything in ``<output_root>/<name>/``
-(the rootfs artifacts: tarballs and/or images, dpu/, host/, manifest.json,
-SHA256SUMS), so
-``tar -xf <name>.bundle.tar`` gives ``<name>/install.sh``.  The bytes are
-reproducible: canonical tar members (builder.tarfmt), sorted names, mtimes
-set to the epoch, owner 0, file modes kept, directories 0755.
+Layout: everything in ``<output_root>/<name>/`` under ``<name>/``: the rootfs
+artifacts (tarballs and/or images), dpu/, host/, install.sh (written there by
+``render_deploy``), manifest.json, SHA256SUMS and, when signed,
+SHA256SUMS.sig; so ``tar -xf <name>.bundle.tar`` gives ``<name>/install.sh``.
+The bytes are reproducible: canonical tar members (builder.tarfmt), sorted
+names, mtimes set to the epoch, owner 0, file modes kept, directories 0755.
 
 SHA256SUMS (written by the pipeline, ``sha256sum`` format, paths relative to
-``<output_root>/<name>/``) must list every file; this is checked here and
-again by install.sh on the DPU before it writes anything.
+``<output_root>/<name>/``) must list every file but itself and its signature,
+install.sh included; this is checked here and again by install.sh on the DPU
+before it writes anything.  With a signing key, SHA256SUMS is signed
+(``signing.sign``: ssh-keygen -Y sign) and ``install.sh --trust FILE``
+verifies that signature before it reads anything else.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .. import tarfmt, values
 from ..errors import UserError
 from ..hashing import sha256_file
-from .render import render_template
+from . import signing
 
 SUMS = "SHA256SUMS"
+SIGNATURE = signing.SIGNATURE
 INSTALLER = "install.sh"
 # Rootfs artifacts a bundle can carry, file name -> kind, in install.sh's
 # order of preference (without --format it installs the first present; the
@@ -94,18 +98,17 @@ def _scan(src: Path) -> tuple[list[str], list[str]]:
     return dirs, files
 
 
-def render_installer(name: str) -> str:
-    return render_template("deploy-install.sh", [("IMAGE_NAME", values.check_name(name))])
-
-
 def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = None,
-                dest: Path | None = None) -> Path:
-    """Write ``<output_root>/<name>.bundle.tar`` atomically; returns its path.
+                dest: Path | None = None, signing_key: Path | None = None) -> dict[str, Any]:
+    """Write ``<output_root>/<name>.bundle.tar`` atomically.
 
     ``src`` (default ``<output_root>/<name>``) is the directory bundled as
     ``<name>/``, ``dest`` (default ``<output_root>/<name>.bundle.tar``) the file
     written (through a temporary file in its directory, then renamed): both
     let a pipeline bundle from a staging directory into a staging path.
+    ``signing_key`` (an SSH private key) signs ``src/SHA256SUMS`` into
+    ``src/SHA256SUMS.sig`` first.  Returns ``{"path": dest, "signed_by":
+    <key fingerprint> | "unsigned", ...}`` (``signing.signing_info``).
     """
     try:
         values.check_name(name)
@@ -119,12 +122,15 @@ def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = 
     if not src.is_dir():
         raise UserError("no build output directory to bundle", where=str(src))
     sums = read_sums(src / SUMS)
+    info = signing.signing_info(signing_key)
+    if signing_key is not None:
+        signing.sign(src / SUMS, signing_key)
     dirs, files = _scan(src)
-    if INSTALLER in files:
-        raise UserError(f"{INSTALLER} is reserved for the bundle's installer",
+    if INSTALLER not in files:
+        raise UserError(f"no {INSTALLER} to bundle (render_deploy writes it)",
                         where=str(src / INSTALLER))
     for rel in files:
-        if rel != SUMS and rel not in sums:
+        if rel not in (SUMS, SIGNATURE) and rel not in sums:
             raise UserError(f"{rel} is not listed in {SUMS}", where=str(src / rel),
                             hint="install.sh refuses unlisted files")
     for rel, digest in sums.items():
@@ -137,7 +143,6 @@ def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = 
         raise UserError(f"no rootfs artifact ({', '.join(ARTIFACT_KINDS)}) to bundle",
                         where=str(src))
 
-    installer = render_installer(name).encode("utf-8")
     prefix = name.encode()
     members: list[tuple[tarfmt.Member, Path | None]] = [
         (tarfmt.Member(name=prefix, type=tarfmt.DIR, mode=0o755, mtime=epoch), None)]
@@ -150,23 +155,19 @@ def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = 
         members.append((tarfmt.Member(name=prefix + b"/" + rel.encode(), type=tarfmt.REG,
                                       mode=stat.S_IMODE(st.st_mode), size=st.st_size,
                                       mtime=epoch), path))
-    members.append((tarfmt.Member(name=prefix + b"/" + INSTALLER.encode(), type=tarfmt.REG,
-                                  mode=0o755, size=len(installer), mtime=epoch), None))
     members.sort(key=lambda mp: tarfmt.sort_key(mp[0].name))
 
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.bundle.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             for m, source in members:
-                if m.type != tarfmt.REG:
+                if source is None:
                     tarfmt.write_member(out, m, None)
-                elif source is None:
-                    tarfmt.write_member(out, m, io.BytesIO(installer))
-                else:
-                    with source.open("rb") as data:
-                        if os.fstat(data.fileno()).st_size != m.size:
-                            raise UserError("changed while bundling", where=str(source))
-                        tarfmt.write_member(out, m, data)
+                    continue
+                with source.open("rb") as data:
+                    if os.fstat(data.fileno()).st_size != m.size:
+                        raise UserError("changed while bundling", where=str(source))
+                    tarfmt.write_member(out, m, data)
             out.write(tarfmt.END_OF_ARCHIVE)
             out.flush()
             os.fsync(out.fileno())
@@ -175,4 +176,4 @@ def make_bundle(output_root: Path, name: str, epoch: int, *, src: Path | None = 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return dest
+    return {"path": str(dest), **info}

@@ -3,8 +3,9 @@ prepare/teardown scripts, the host's setup and the offline bundle.
 
 An element asks for it with `generate: [offload-deployment]`; its settings
 are the build's params of the same names (DeployConfig's fields), already
-checked by their param types; its mount table is the procedure's
-(mounts.DEFAULT_MOUNTS) plus every element's `mounts:` entries.
+checked by their param types (DeployConfig adds the rules across params);
+its mount table is the procedure's (mounts.DEFAULT_MOUNTS) plus every
+element's `mounts:` entries.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from ..generators import Artifact, GeneratorContext
 from .bundle import make_bundle
 from .mounts import MountEntry, check_entry, mount_table, shadowed_paths
 from .render import DeployConfig, render_deploy
-
-# DeployConfig field -> the param that sets it, where the names differ.
-PARAM_OF_FIELD = {"rootfs": "rootfs_path", "whitelist_extra": "rexec_whitelist"}
 
 
 class OffloadDeployment:
@@ -45,17 +43,10 @@ class OffloadDeployment:
                 raise UserError(f"mounts: {key}: {message}", where=c.where) from None
         self.table = mount_table([dataclasses.asdict(e) for e in entries],
                                  where="element mounts")
-        given: dict[str, Any] = {"name": ctx.name}
-        for f in dataclasses.fields(DeployConfig):
-            param = PARAM_OF_FIELD.get(f.name, f.name)
-            value = ctx.params.get(param)
-            if f.name != "name" and value is not None:
-                given[f.name] = tuple(value) if isinstance(value, list) else value
         try:
-            self.config = DeployConfig.from_params(given, where="params")
+            self.config = DeployConfig.from_params(ctx.name, ctx.params)
         except UserError as e:
-            field = (e.where or "").removeprefix("params.")
-            param = PARAM_OF_FIELD.get(field, field)
+            param = (e.where or "").removeprefix("params.")
             raise UserError(f"params.{param}: {e.message}",
                             where=ctx.param_where.get(param, f"params.{param}"),
                             hint=e.hint or f"set params.{param} (the offload-deployment "
@@ -66,17 +57,18 @@ class OffloadDeployment:
         return shadowed_paths(self.table)
 
     def warnings(self) -> list[str]:
-        return []
+        return self.config.warnings()
 
     def write(self, staging: Path) -> dict[str, Any]:
         render_deploy(staging, self.config, self.table)
-        return {"mounts": len(self.table), "host_ip": self.config.host_ip,
-                "rootfs_path": self.config.rootfs}
+        return {**self.config.manifest(), "mounts": len(self.table),
+                "rootfs_path": self.config.rootfs_path}
 
     def package(self, staging: Path, epoch: int, sibling: Callable[[str], Path]
                 ) -> list[Artifact]:
         if not self.ctx.bundle:
             return []
         dest = sibling(f"{self.ctx.name}.bundle.tar")
-        make_bundle(staging.parent, self.ctx.name, epoch, src=staging, dest=dest)
+        make_bundle(staging.parent, self.ctx.name, epoch, src=staging, dest=dest,
+                    signing_key=self.config.bundle_signing_key)
         return [Artifact(Path(f"{self.ctx.name}.bundle.tar"), "bundle")]

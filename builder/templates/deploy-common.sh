@@ -47,9 +47,10 @@ is_ip() { is_ipv4 "$1" || is_ipv6 "$1"; }
 
 # --- offload.conf ------------------------------------------------------------
 CONF_KEYS="ROOTFS ROOTFS_IMAGE ROOTFS_IMAGE_RO HOST_IP QTFS_SERVER_IP REXEC_PORT QMP_PORT"
-CONF_KEYS+=" QTFS_LOG_LEVEL QTFS_KO DPU_KERNEL"
+CONF_KEYS+=" QTFS_LOG_LEVEL QTFS_KO DPU_KERNEL REXEC_TLS"
 CFG_ROOTFS="" CFG_HOST_IP="" CFG_QTFS_SERVER_IP="" CFG_REXEC_PORT="" CFG_QMP_PORT=""
 CFG_QTFS_LOG_LEVEL="" CFG_QTFS_KO="" CFG_DPU_KERNEL="" CFG_ROOTFS_IMAGE="" CFG_ROOTFS_IMAGE_RO=0
+CFG_REXEC_TLS=0
 
 # load_config FILE: strict KEY=VALUE lines; blank lines and '#' comments
 # allowed; one optional pair of surrounding quotes is stripped; every value is
@@ -108,6 +109,9 @@ load_config() {
             [[ -z $value ]] || is_kernel "$value" ||
                 die "$at: DPU_KERNEL: $(shown "$value") is not a kernel release (uname -r)"
             CFG_DPU_KERNEL=$value ;;
+        REXEC_TLS)
+            [[ $value =~ ^[01]?$ ]] || die "$at: REXEC_TLS: $(shown "$value") is not 0 or 1"
+            CFG_REXEC_TLS=${value:-0} ;;
         *) die "$at: unknown key $key (known: $CONF_KEYS)" ;;
         esac
     done <"$file"
@@ -119,8 +123,8 @@ load_config() {
 }
 
 # --- options shared by the scripts -------------------------------------------
-ROOT_ARG="" CONFIG=$SCRIPT_DIR/offload.conf DRY_RUN=0 REHEARSE="" ROOT_MISSING_OK=0
-# parse_args ALLOWED "$@": ALLOWED lists the optional options (dry-run rehearse)
+ROOT_ARG="" CONFIG=$SCRIPT_DIR/offload.conf DRY_RUN=0 REHEARSE="" ROOT_MISSING_OK=0 FORCE=0
+# parse_args ALLOWED "$@": ALLOWED lists the optional options (dry-run rehearse force)
 parse_args() {
     local allowed=" $1 "
     shift
@@ -140,6 +144,9 @@ parse_args() {
             [[ $allowed == *" rehearse "* ]] || die "--rehearse is not an option of $PROG"
             REHEARSE=${1#*=}
             [[ -n $REHEARSE ]] || die "--rehearse needs a directory" ;;
+        --force)
+            [[ $allowed == *" force "* ]] || die "--force is not an option of $PROG"
+            FORCE=1 ;;
         *) die "unknown argument $(shown "$1") (see --help)" ;;
         esac
         shift
@@ -177,6 +184,7 @@ setup_image() {
 }
 
 setup_rehearse() {
+    local i src
     [[ -n $REHEARSE ]] || return 0
     absolute "$REHEARSE"
     HOSTDIR=$(realpath -m -- "$REPLY")
@@ -185,6 +193,19 @@ setup_rehearse() {
     fi
     [[ $HOSTDIR != "$ROOT" && $HOSTDIR != "$ROOT"/* ]] ||
         die "--rehearse directory $HOSTDIR must lie outside the rootfs $ROOT"
+    # the rehearsal's overlays keep their upper layers in HOSTDIR: overlayfs
+    # options cannot carry ',' or ':', and an upper layer inside its lower one
+    # is refused by the kernel
+    [[ $HOSTDIR != *[,:]* ]] || die "--rehearse directory $HOSTDIR must not contain ',' or ':'"
+    for i in "${!MT_TYPE[@]}"; do
+        case ${MT_TYPE[i]} in
+        bind) src=$(realpath -m -- "${MT_SOURCE[i]}") ;;
+        devtmpfs) src=/dev ;;
+        *) continue ;;
+        esac
+        [[ $HOSTDIR != "$src" && $HOSTDIR != "$src"/* ]] ||
+            die "--rehearse directory $HOSTDIR must lie outside $src, which the rehearsal overlays"
+    done
 }
 
 need_root() {
@@ -192,35 +213,88 @@ need_root() {
 }
 
 # --- the mount table as the kernel sees it ------------------------------------
-MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()
+MI_ID=() MI_PARENT=() MI_DEV=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=() MI_SUPER=()
+unescape_mi() {
+    local s=$1
+    s=${s//\\040/ }
+    s=${s//\\011/$'\t'}
+    s=${s//\\012/$'\n'}
+    REPLY=${s//\\134/\\}
+}
 read_mountinfo() {
-    MI_ID=() MI_PARENT=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=()
-    local id parent _dev _root mp rest fstype source
-    while read -r id parent _dev _root mp rest; do
-        fstype=${rest#* - }
-        source=${fstype#* }
-        source=${source%% *}
-        fstype=${fstype%% *}
-        mp=${mp//\\040/ }
-        mp=${mp//\\011/$'\t'}
-        mp=${mp//\\012/$'\n'}
-        mp=${mp//\\134/\\}
-        MI_ID+=("$id") MI_PARENT+=("$parent") MI_PATH+=("$mp") MI_FSTYPE+=("$fstype")
-        MI_SOURCE+=("$source")
+    MI_ID=() MI_PARENT=() MI_DEV=() MI_PATH=() MI_FSTYPE=() MI_SOURCE=() MI_SUPER=()
+    local id parent dev _root mp rest fstype source super
+    while read -r id parent dev _root mp rest; do
+        rest=${rest#* - }
+        fstype=${rest%% *} rest=${rest#* }
+        source=${rest%% *} super=${rest#* }
+        [[ $super != "$rest" ]] || super=""
+        if [[ $mp == *\\* ]]; then unescape_mi "$mp"; mp=$REPLY; fi
+        if [[ $source == *\\* ]]; then unescape_mi "$source"; source=$REPLY; fi
+        MI_ID+=("$id") MI_PARENT+=("$parent") MI_DEV+=("$dev") MI_PATH+=("$mp")
+        MI_FSTYPE+=("$fstype") MI_SOURCE+=("$source") MI_SUPER+=("$super")
     done </proc/self/mountinfo
 }
 
-# mounts_at PATH: REPLY = how many mounts sit exactly on PATH, TOP_FSTYPE = the last one's type
+# mounts_at PATH: REPLY = how many mounts sit exactly on PATH, TOP_FSTYPE = the last one's
+# type, AT_IDX = their indices (into MI_*) in mount order
 mounts_at() {
     local i n=0
-    TOP_FSTYPE=""
+    TOP_FSTYPE="" AT_IDX=()
     for i in "${!MI_PATH[@]}"; do
         if [[ ${MI_PATH[i]} == "$1" ]]; then
             n=$((n + 1))
             TOP_FSTYPE=${MI_FSTYPE[i]}
+            AT_IDX+=("$i")
         fi
     done
     REPLY=$n
+}
+
+# climb_at PATH CUR: REPLY = the top of the stack of mounts on PATH that
+# starts on mount CUR (an index into MI_*), or CUR when nothing is mounted there
+climb_at() {
+    local p=$1 cur=$2 i moved=1
+    while ((moved)); do
+        moved=0
+        for i in "${!MI_PATH[@]}"; do
+            if [[ ${MI_PATH[i]} == "$p" && ${MI_PARENT[i]} == "${MI_ID[cur]}" && $i != "$cur" ]]; then
+                cur=$i moved=1
+                break
+            fi
+        done
+    done
+    REPLY=$cur
+}
+
+# mount_of PATH: REPLY = the index (into MI_*) of the mount a canonical PATH
+# lies on, walking from / the way a path lookup does (a mount hidden under a
+# later mount on one of its parents is skipped).  Call read_mountinfo first.
+mount_of() {
+    local rest=${1#/} comp p="" cur=-1 i
+    for i in "${!MI_PATH[@]}"; do
+        if [[ ${MI_PATH[i]} == / ]]; then cur=$i; break; fi
+    done
+    ((cur >= 0)) || { REPLY=-1; return 0; }
+    climb_at / "$cur"
+    cur=$REPLY
+    while [[ -n $rest ]]; do
+        comp=${rest%%/*}
+        if [[ $rest == */* ]]; then rest=${rest#*/}; else rest=""; fi
+        [[ -n $comp ]] || continue
+        p+=/$comp
+        climb_at "$p" "$cur"
+        cur=$REPLY
+    done
+    REPLY=$cur
+}
+
+# existing_parent PATH: REPLY = PATH or its deepest existing ancestor
+existing_parent() {
+    local p=$1
+    while [[ ! -e $p && $p == /*/* ]]; do p=${p%/*}; done
+    [[ -e $p ]] || p=/
+    REPLY=$p
 }
 
 under_root() { [[ $1 == "$ROOT"/* ]]; }
@@ -299,14 +373,22 @@ resolve_in_root() {
     REPLY=$root$cur
 }
 
-# --- state: what prepare mounted, under /run (or $ROOTFS_BUILD_STATE_DIR) ------
+# --- state: what prepare did, per rootfs --------------------------------------------
+# A real deployment keeps it in /run/rootfs-build/IMAGE/<id> (ROOTFS_BUILD_STATE_DIR
+# overrides the base), a rehearsal in HOSTDIR/.rehearsal/<id>, so a rehearsal
+# never touches a real deployment's state.  <id> is a hash of the canonical
+# rootfs path (stored inside as root=), so two roots never share state.
 state_init() {
-    local base=${ROOTFS_BUILD_STATE_DIR:-/run/rootfs-build/$IMAGE_NAME}
+    local base=${ROOTFS_BUILD_STATE_DIR:-/run/rootfs-build/$IMAGE_NAME} id
     is_path "$base" || die "ROOTFS_BUILD_STATE_DIR $(shown "$base") is not an absolute path of plain characters"
-    STATE_DIR=$base/root${ROOT//\//_}
+    id=$(printf '%s' "$ROOT" | sha256sum) || die "sha256sum failed"
+    id=${id:0:32}
+    REAL_STATE_DIR=$base/$id
+    if [[ -n $REHEARSE ]]; then STATE_DIR=$HOSTDIR/.rehearsal/$id; else STATE_DIR=$REAL_STATE_DIR; fi
     STATE_MOUNTS=$STATE_DIR/mounts
     STATE_SKIPPED=$STATE_DIR/skipped
     STATE_INFO=$STATE_DIR/info
+    STATE_MASKED=$STATE_DIR/masked
 }
 
 take_lock() {
@@ -316,36 +398,61 @@ take_lock() {
     flock -w 60 9 || die "another prepare/teardown of $ROOT is running ($STATE_DIR/lock)"
 }
 
-# read_state: REC_IDX/REC_PATH = recorded mounts in order; REC_BY_IDX only when
-# the records belong to this very table; SKIPPED_BY_IDX = entries prepare skipped.
-# REC_IMAGE = ROOT when prepare recorded mounting ROOTFS_IMAGE (STATE_IMAGE) there.
-REC_IDX=() REC_PATH=() REC_IMAGE=""
-declare -A REC_BY_IDX=() SKIPPED_BY_IDX=()
-STATE_TABLE="" STATE_MODE="" STATE_IMAGE=""
+# real_state_in_use: a real deployment of ROOT has recorded mounts
+real_state_in_use() {
+    local tag _path
+    [[ -f $REAL_STATE_DIR/mounts ]] || return 1
+    while IFS=$'\t' read -r tag _path; do
+        [[ $tag =~ ^([0-9]+|image)$ ]] && return 0
+    done <"$REAL_STATE_DIR/mounts"
+    return 1
+}
+
+# read_state: REC_TAG/REC_PATH = every record in order (a table index or
+# "image" for a mount, "dir"/"file" for what prepare created outside the
+# rootfs's own filesystem); REC_IDX/REC_MPATH = the mount records; REC_BY_IDX
+# only when the records belong to this very table; SKIPPED_BY_IDX = entries
+# prepare skipped; CG_DECIDED[root index] = v1|v2, prepare's cgroup decision.
+REC_TAG=() REC_PATH=() REC_IDX=() REC_MPATH=() REC_IMAGE=""
+declare -A REC_BY_IDX=() SKIPPED_BY_IDX=() CG_DECIDED=() CG_MODE=()
+STATE_TABLE="" STATE_MODE="" STATE_IMAGE="" STATE_ROOT=""
 read_state() {
-    local idx path key value
-    REC_IDX=() REC_PATH=() REC_BY_IDX=() SKIPPED_BY_IDX=() REC_IMAGE=""
-    STATE_TABLE="" STATE_MODE="" STATE_IMAGE=""
+    local tag path key value
+    REC_TAG=() REC_PATH=() REC_IDX=() REC_MPATH=() REC_BY_IDX=() SKIPPED_BY_IDX=() CG_DECIDED=()
+    REC_IMAGE="" STATE_TABLE="" STATE_MODE="" STATE_IMAGE="" STATE_ROOT=""
     if [[ -f $STATE_INFO ]]; then
         while IFS='=' read -r key value; do
             case $key in
             table) STATE_TABLE=$value ;;
             mode) STATE_MODE=$value ;;
+            root) STATE_ROOT=$value ;;
             image) if is_path "$value"; then STATE_IMAGE=$value; fi ;;
+            cgroup.*) if [[ ${key#cgroup.} =~ ^[0-9]+$ && $value =~ ^v[12]$ ]]; then CG_DECIDED[${key#cgroup.}]=$value; fi ;;
             esac
         done <"$STATE_INFO"
     fi
+    [[ -z $STATE_ROOT || $STATE_ROOT == "$ROOT" ]] ||
+        die "state $STATE_DIR belongs to $STATE_ROOT, not $ROOT"
+    [[ $STATE_TABLE == "$TABLE_ID" ]] || CG_DECIDED=()
     if [[ -f $STATE_MOUNTS ]]; then
-        while IFS=$'\t' read -r idx path; do
-            if [[ $idx == image && $path == "$ROOT" ]]; then REC_IMAGE=$path; continue; fi
-            if ! [[ $idx =~ ^[0-9]+$ ]] || ! is_path "$path"; then continue; fi
-            REC_IDX+=("$idx") REC_PATH+=("$path")
-            [[ $STATE_TABLE != "$TABLE_ID" ]] || REC_BY_IDX[$idx]=$path
+        while IFS=$'\t' read -r tag path; do
+            is_path "$path" || continue
+            case $tag in
+            image)
+                [[ $path == "$ROOT" ]] || continue
+                REC_IMAGE=$path ;;
+            dir | file) ;;
+            *)
+                [[ $tag =~ ^[0-9]+$ ]] || continue
+                REC_IDX+=("$tag") REC_MPATH+=("$path")
+                [[ $STATE_TABLE != "$TABLE_ID" ]] || REC_BY_IDX[$tag]=$path ;;
+            esac
+            REC_TAG+=("$tag") REC_PATH+=("$path")
         done <"$STATE_MOUNTS"
     fi
     if [[ -f $STATE_SKIPPED && $STATE_TABLE == "$TABLE_ID" ]]; then
-        while IFS=$'\t' read -r idx value; do
-            if [[ $idx =~ ^[0-9]+$ ]]; then SKIPPED_BY_IDX[$idx]=$value; fi
+        while IFS=$'\t' read -r tag value; do
+            if [[ $tag =~ ^[0-9]+$ ]]; then SKIPPED_BY_IDX[$tag]=$value; fi
         done <"$STATE_SKIPPED"
     fi
 }
@@ -356,12 +463,114 @@ describe() {
     printf '%s%s %s on %s' "${MT_TYPE[i]}" "$opts" "${MT_SOURCE[i]}" "${MT_TARGET[i]}"
 }
 
-# entry_mounted I: is table entry I mounted?  PATH_OF=where it is (or would
-# be).  DONE_PATHS holds the paths of the entries before I that are mounted,
-# so stacked mounts on one path (sysfs, then qtfs on /sys) count separately.
-DONE_PATHS=()
+# --- does the mount there match the table? ------------------------------------------
+# Where a rehearsal keeps what stands in for the machine's own directories:
+# table entry I's overlay layers and file copies (HOSTDIR/.rehearsal/<id>/...)
+rehearsal_upper() { REPLY=$STATE_DIR/upper/$1; }
+rehearsal_work() { REPLY=$STATE_DIR/work/$1; }
+rehearsal_copy() { REPLY=$STATE_DIR/files/$1; }
+
+# dev_of "MAJOR:MINOR": REPLY = the st_dev number stat -c %d prints for it
+dev_of() {
+    local maj=${1%%:*} min=${1#*:}
+    REPLY=$(((min & 0xff) | ((maj & 0xfff) << 8) | ((min & ~0xff) << 12) | ((maj & ~0xfff) << 32)))
+}
+
+# same_file J FILE: is mount J (an index into MI_*) a bind mount of FILE?  The
+# root of a visible mount must be FILE itself (device and inode); a mount
+# hidden under another one can only be compared by device.
+same_file() {
+    local j=$1 file=$2 want got
+    want=$(stat -L -c '%d:%i' -- "$file" 2>/dev/null) || return 1
+    mount_of "${MI_PATH[j]}"
+    if [[ $REPLY == "$j" ]]; then
+        got=$(stat -L -c '%d:%i' -- "${MI_PATH[j]}" 2>/dev/null) || return 1
+        [[ $got == "$want" ]]
+    else
+        dev_of "${MI_DEV[j]}"
+        [[ $REPLY == "${want%%:*}" ]]
+    fi
+}
+
+# entry_expect I: WANT = what entry I must look like once mounted, in words
+entry_expect() {
+    local i=$1 type=${MT_TYPE[$1]} src=${MT_SOURCE[$1]}
+    if [[ ${MT_ROLE[i]} == cgroup-root && ${CG_MODE[$i]:-${CG_DECIDED[$i]:-}} == v2 ]]; then
+        WANT="cgroup2"
+        return 0
+    fi
+    case $type in
+    qtfs) if [[ -n $REHEARSE ]]; then WANT="a bind mount of $HOSTDIR$src"; else WANT="qtfs from $src"; fi ;;
+    bind)
+        if [[ -z $REHEARSE ]]; then WANT="a bind mount of $src"
+        elif [[ -f $src ]]; then rehearsal_copy "$i"; WANT="a bind mount of $REPLY (a copy of $src)"
+        else rehearsal_upper "$i"; WANT="an overlay of $src (upper layer $REPLY)"; fi ;;
+    devtmpfs)
+        if [[ -z $REHEARSE ]]; then WANT="devtmpfs"
+        else rehearsal_upper "$i"; WANT="an overlay of /dev (upper layer $REPLY)"; fi ;;
+    *) WANT="$type from $src" ;;
+    esac
+}
+
+# entry_matches I J: is mount J (an index into MI_*) what table entry I mounts?
+entry_matches() {
+    local i=$1 j=$2 type=${MT_TYPE[$1]} src=${MT_SOURCE[$1]} c
+    local ft=${MI_FSTYPE[$2]} ms=${MI_SOURCE[$2]} super=",${MI_SUPER[$2]},"
+    if [[ ${MT_ROLE[i]} == cgroup-root ]]; then
+        case ${CG_MODE[$i]:-${CG_DECIDED[$i]:-}} in
+        v2) [[ $ft == cgroup2 ]]; return ;;
+        v1) [[ $ft == tmpfs && $ms == "$src" ]]; return ;;
+        *) [[ $ft == cgroup2 || ($ft == tmpfs && $ms == "$src") ]]; return ;;
+        esac
+    fi
+    case $type in
+    qtfs)
+        if [[ -n $REHEARSE ]]; then same_file "$j" "$HOSTDIR$src"; return; fi
+        [[ $ft == qtfs && $ms == "$src" ]] ;;
+    bind)
+        if [[ -z $REHEARSE ]]; then same_file "$j" "$src"; return; fi
+        if [[ -f $src ]]; then rehearsal_copy "$i"; same_file "$j" "$REPLY"; return; fi
+        rehearsal_upper "$i"
+        [[ $ft == overlay && $super == *",upperdir=$REPLY,"* ]] ;;
+    devtmpfs)
+        if [[ -z $REHEARSE ]]; then [[ $ft == devtmpfs ]]; return; fi
+        rehearsal_upper "$i"
+        [[ $ft == overlay && $super == *",upperdir=$REPLY,"* ]] ;;
+    cgroup)
+        [[ $ft == cgroup && $ms == "$src" ]] || return 1
+        cgroup_controllers "${MT_OPTIONS[i]}"
+        for c in "${CONTROLLERS[@]}"; do [[ $super == *",$c,"* ]] || return 1; done ;;
+    *) [[ $ft == "$type" && $ms == "$src" ]] ;;
+    esac
+}
+
+# cgroup_controllers OPTIONS: CONTROLLERS = the controller names in a cgroup v1 option string
+cgroup_controllers() {
+    local o
+    local -a words
+    CONTROLLERS=()
+    IFS=, read -r -a words <<<"$1"
+    for o in "${words[@]}"; do
+        case $o in
+        *=* | "" | rw | ro | nosuid | suid | nodev | dev | noexec | exec | relatime | norelatime | \
+            noatime | atime | strictatime | nodiratime | diratime | sync | async | dirsync | \
+            lazytime | nolazytime | silent | loud | defaults | none | noprefix | clone_children | \
+            xattr | all | cpuset_v2_mode | favordynmods) ;;
+        *) CONTROLLERS+=("$o") ;;
+        esac
+    done
+}
+
+# entry_mounted I: 0 when table entry I is mounted, 1 when it is not, 2 when
+# its target cannot be resolved, 3 when something else is mounted where it
+# belongs (MISMATCH says what).  PATH_OF = where it is (or would be).
+# DONE_PATHS holds the paths of the entries before I that are mounted, so
+# stacked mounts on one path (sysfs, then qtfs on /sys) count separately:
+# entry I must be the k-th mount on its path.
+DONE_PATHS=() MISMATCH=""
 entry_mounted() {
-    local i=$1 p k=1 d
+    local i=$1 p k=1 d j
+    MISMATCH=""
     if [[ -n ${REC_BY_IDX[$i]:-} ]]; then
         p=${REC_BY_IDX[$i]}
     else
@@ -371,7 +580,20 @@ entry_mounted() {
     PATH_OF=$p
     for d in "${DONE_PATHS[@]}"; do [[ $d != "$p" ]] || k=$((k + 1)); done
     mounts_at "$p"
-    ((REPLY >= k))
+    ((REPLY >= k)) || return 1
+    j=${AT_IDX[k - 1]}
+    MOUNT_MI=$j
+    entry_matches "$i" "$j" && return 0
+    entry_expect "$i"
+    MISMATCH="$p has ${MI_FSTYPE[j]} from ${MI_SOURCE[j]} mounted, but the table wants $WANT there"
+    return 3
+}
+
+# --- processes ---------------------------------------------------------------------
+pid_comm() {
+    REPLY=""
+    { read -r REPLY <"/proc/$1/comm"; } 2>/dev/null || REPLY=""
+    return 0
 }
 
 # Processes whose root directory is the rootfs (chrooted into it).
@@ -382,11 +604,6 @@ rootfs_pids() {
         r=$(readlink -- "$d/root" 2>/dev/null) || continue
         [[ $r == "$ROOT" || $r == "$ROOT"/* ]] && ROOT_PIDS+=("${d#/proc/}")
     done
-    return 0
-}
-pid_comm() {
-    REPLY=""
-    { read -r REPLY <"/proc/$1/comm"; } 2>/dev/null || REPLY=""
     return 0
 }
 
@@ -424,4 +641,17 @@ rootfs_daemons() {
     return 0
 }
 
+# outside_daemons: OUTSIDE = libvirt daemons running on this machine but not
+# from the rootfs (the DPU's own), as name[pid]
+outside_daemons() {
+    local d r
+    OUTSIDE=()
+    for d in /proc/[0-9]*; do
+        pid_comm "${d#/proc/}"
+        case $REPLY in libvirtd | virtlogd | virtlockd) ;; *) continue ;; esac
+        r=$(readlink -- "$d/root" 2>/dev/null) || continue
+        [[ $r == "$ROOT" || $r == "$ROOT"/* ]] || OUTSIDE+=("${REPLY}[${d#/proc/}]")
+    done
+    return 0
+}
 }

@@ -7,42 +7,231 @@ set -euo pipefail
 
 # @BASE@
 
-DRY_RUN=0 KO=""
+DRY_RUN=0 KO="" NO_FIREWALL=0
 
 usage() {
     cat <<EOF
-Usage: $PROG [--ko FILE] [--dry-run]
+Usage: $PROG [--ko FILE] [--no-firewall] [--dry-run]
 
-Set up this host for the DPU image $IMAGE_NAME (run as root, from this directory):
+Set up this host for the DPU image $IMAGE_NAME (run as root, from this directory).
+First everything is checked, and nothing is changed unless all checks pass:
+qtfs_server.ko built for this kernel (uname -r), rexec_server and the engine
+built for this machine, their ports free (or held by them already), nft
+present and the firewall ruleset valid, systemctl present.  Then:
   - create the directories the DPU mounts through qtfs: ${QTFS_DIRS[*]}
-  - install rexec_server (to $REXEC_SERVER_PATH) and the qtfs engine (to
-    $ENGINE_PATH) when this directory ships them
-  - install the rexec whitelist to /etc/rexec/whitelist (root, 0400)
-  - install rexec.service and qtfs-engine.service to $UNIT_DIR
-  - load qtfs_server.ko (qtfs_server_ip=$QTFS_LISTEN_IP qtfs_log_level=$QTFS_LOG_LEVEL),
-    after checking it was built for this kernel
-  - enable and start both services (the engine runs: $ENGINE_PATH ${ENGINE_ARGS[*]})
-Running it again changes nothing.  teardown.sh undoes it.
+  - install rexec_server (to $REXEC_SERVER_PATH), the qtfs engine (to
+    $ENGINE_PATH) and qtfs_server.ko (to $MODULE_PATH) when this directory
+    ships them
+  - install /etc/rexec/whitelist and /etc/rexec/server.json (root, 0400)
+  - rexec TLS (when on): install the shipped certificate and key to $TLS_DIR,
+    or make a self-signed pair there with openssl
+  - install rexec.service and qtfs-engine.service (which loads qtfs_server.ko:
+    qtfs_server_ip=$QTFS_LISTEN_IP qtfs_log_level=$QTFS_LOG_LEVEL) to $UNIT_DIR
+  - the firewall: nftables table $FW_TABLE (firewall.nft, to $CONF_DIR),
+    loaded now and at boot by $FW_UNIT: the qtfs, rexec, QMP and console ports
+    ($QTFS_PORT, $REXEC_PORT, $QMP_PORT, $CONSOLE_PORTS) answer ${DPU_IP:-nobody} only
+  - enable and start both services (the engine runs: $ENGINE_PATH ${ENGINE_ARGS[*]});
+    a service whose files changed (binary, whitelist, config, unit) is restarted:
+    rexec_server reads its whitelist only when it starts
+Listening: qtfs_server on $QTFS_LISTEN_IP:$QTFS_PORT, rexec_server on tcp://$REXEC_LISTEN ($HOST_LISTEN).
+Running it again changes nothing.  teardown.sh undoes it; status.sh shows it.
 
-  --ko FILE   qtfs_server.ko to load (default: qtfs_server.ko next to this script)
-  --dry-run   print what would be done, change nothing
+  --ko FILE       qtfs_server.ko to install (default: qtfs_server.ko next to this script)
+  --no-firewall   no firewall (where nft is missing, say so explicitly): the
+                  ports then answer every network that reaches the listen address
+  --dry-run       check everything and print what would be done, change nothing
 EOF
 }
 
-# install_if_changed SRC DEST MODE: REPLY=1 when DEST changed
+PROBLEMS=()
+problem() { PROBLEMS+=("$*"); }
+
+# elf_machine FILE: REPLY = the machine an ELF file is built for (uname -m
+# spelling), "" if it is not an ELF file
+elf_machine() {
+    local magic data m end=little
+    REPLY=""
+    magic=$(od -An -tx1 -N4 -- "$1" 2>/dev/null | tr -d ' \n') || return 0
+    [[ $magic == 7f454c46 ]] || return 0
+    data=$(od -An -tu1 -j5 -N1 -- "$1" | tr -d ' \n')
+    [[ $data != 2 ]] || end=big
+    m=$(od -An -tu2 -j18 -N2 --endian="$end" -- "$1" | tr -d ' \n')
+    case $m in
+    62) REPLY=x86_64 ;;
+    183) REPLY=aarch64 ;;
+    3) REPLY=i386 ;;
+    40) REPLY=arm ;;
+    243) REPLY=riscv64 ;;
+    258) REPLY=loongarch64 ;;
+    21) REPLY=ppc64 ;;
+    22) REPLY=s390x ;;
+    *) REPLY="machine $m" ;;
+    esac
+}
+
+host_arch() {
+    REPLY=$(uname -m)
+    case $REPLY in i?86) REPLY=i386 ;; arm*) REPLY=arm ;; ppc64*) REPLY=ppc64 ;; esac
+}
+
+# check_binary NAME SHIPPED INSTALLED: the binary that will run is built for this machine
+check_binary() {
+    local name=$1 file=$2
+    [[ -f $file ]] || file=$3
+    if [[ ! -f $file ]]; then
+        problem "no $name: this directory ships none and $3 does not exist"
+        return 0
+    fi
+    elf_machine "$file"
+    [[ $REPLY == "$ARCH" ]] || problem "$file is not a program for this $ARCH host (${REPLY:-not an ELF file})"
+}
+
+# listeners PORT: REPLY = who listens on TCP PORT: "pid(name)" words, or
+# "kernel" for a socket no process holds; empty when the port is free
+listeners() {
+    local hex line _sl laddr _rem st inode f pid who="" any=0
+    hex=$(printf '%04X' "$1")
+    while read -r _sl laddr _rem st _ _ _ _ _ inode _; do
+        [[ $st == 0A && ${laddr##*:} == "$hex" ]] || continue
+        any=1
+        while IFS= read -r f; do
+            pid=${f#/proc/}
+            pid=${pid%%/*}
+            line=$(cat "/proc/$pid/comm" 2>/dev/null) || line="?"
+            [[ $who == *" $pid("* ]] || who+=" $pid($line)"
+        done < <(find /proc/[0-9]*/fd -maxdepth 1 -lname "socket:\[$inode\]" 2>/dev/null)
+    done < <(cat /proc/net/tcp /proc/net/tcp6 2>/dev/null)
+    ((any)) && [[ -z $who ]] && who=" kernel"
+    REPLY=${who# }
+}
+
+check_ports() {
+    listeners "$QTFS_PORT"
+    if [[ -n $REPLY && ! -d /sys/module/qtfs_server ]]; then
+        problem "port $QTFS_PORT (qtfs_server) is in use by $REPLY"
+    fi
+    listeners "$REXEC_PORT"
+    if [[ -n $REPLY && $REPLY != *"(rexec_server)"* ]]; then
+        problem "port $REXEC_PORT (rexec_server) is in use by $REPLY"
+    fi
+}
+
+check_module() {
+    local kr
+    if [[ -d /sys/module/qtfs_server ]]; then
+        MODULE_SRC=""
+        return 0
+    fi
+    MODULE_SRC=${KO:-$SCRIPT_DIR/qtfs_server.ko}
+    [[ -f $MODULE_SRC || -n $KO ]] || MODULE_SRC=$MODULE_PATH
+    if [[ ! -f $MODULE_SRC ]]; then
+        problem "no qtfs_server.ko at $MODULE_SRC (use --ko FILE)"
+        return 0
+    fi
+    kr=$(uname -r)
+    ko_vermagic "$MODULE_SRC"
+    [[ $REPLY == "$kr" ]] || problem "$MODULE_SRC was built for kernel ${REPLY:-unknown}, this host runs $kr"
+}
+
+check_firewall() {
+    local out
+    [[ $FIREWALL == 1 && $NO_FIREWALL == 0 ]] || return 0
+    if ! command -v nft >/dev/null 2>&1; then
+        problem "no nftables (nft) on this host: install it, or pass --no-firewall to go on without the firewall"
+        return 0
+    fi
+    [[ $EUID -eq 0 ]] || return 0
+    out=$(nft -c -f "$SCRIPT_DIR/firewall.nft" 2>&1) || problem "firewall.nft does not load: $(printf '%s' "$out" | tr '\n' ' ')"
+}
+
+check_tls() {
+    [[ $REXEC_TLS == 1 ]] || return 0
+    [[ ! -f $SCRIPT_DIR/rexec-tls.crt ]] || return 0
+    [[ ! -f $TLS_DIR/server.crt || ! -f $TLS_DIR/server.key ]] || return 0
+    command -v openssl >/dev/null 2>&1 ||
+        problem "rexec TLS needs a certificate: this directory ships none, and there is no openssl to make one"
+}
+
+check_all() {
+    local f
+    for f in whitelist server.json rexec.service qtfs-engine.service; do
+        [[ -f $SCRIPT_DIR/$f ]] || problem "$SCRIPT_DIR/$f is missing"
+    done
+    if [[ $FIREWALL == 1 ]]; then
+        for f in firewall.nft "$FW_UNIT"; do
+            [[ -f $SCRIPT_DIR/$f ]] || problem "$SCRIPT_DIR/$f is missing"
+        done
+    fi
+    command -v systemctl >/dev/null 2>&1 || problem "no systemctl: the host side runs as systemd services"
+    host_arch
+    ARCH=$REPLY
+    check_binary rexec_server "$SCRIPT_DIR/rexec_server" "$REXEC_SERVER_PATH"
+    check_binary "qtfs engine" "$SCRIPT_DIR/engine" "$ENGINE_PATH"
+    check_module
+    check_ports
+    check_firewall
+    check_tls
+    if ((${#PROBLEMS[@]} > 0)); then
+        printf '%s: error: %s\n' "$PROG" "${PROBLEMS[@]}" >&2
+        printf '%s: %s problem(s); nothing was changed\n' "$PROG" "${#PROBLEMS[@]}" >&2
+        exit 1
+    fi
+}
+
+# install_if_changed SRC DEST MODE: DEST = SRC, owned by root, mode MODE; REPLY=1 when it changed
 install_if_changed() {
     REPLY=0
-    if [[ -f $2 ]] && cmp -s -- "$1" "$2" && [[ $(stat -c %a -- "$2") == "${3#0}" ]]; then return 0; fi
+    if [[ -f $2 && ! -L $2 ]] && cmp -s -- "$1" "$2" &&
+        [[ $(stat -c '%a %u %g' -- "$2") == "${3#0} 0 0" ]]; then
+        return 0
+    fi
     run install -D -o root -g root -m "$3" -- "$1" "$2"
     REPLY=1
 }
 
+make_tls() {
+    [[ $REXEC_TLS == 1 ]] || return 0
+    if [[ -f $SCRIPT_DIR/rexec-tls.crt ]]; then
+        install_if_changed "$SCRIPT_DIR/rexec-tls.crt" "$TLS_DIR/server.crt" 0444
+        CHANGED_REXEC=$((CHANGED_REXEC + REPLY))
+        install_if_changed "$SCRIPT_DIR/rexec-tls.key" "$TLS_DIR/server.key" 0400
+        CHANGED_REXEC=$((CHANGED_REXEC + REPLY))
+        return 0
+    fi
+    [[ ! -f $TLS_DIR/server.crt || ! -f $TLS_DIR/server.key ]] || return 0
+    run install -d -o root -g root -m 0700 -- "$TLS_DIR"
+    (
+        umask 077
+        run openssl req -x509 -newkey rsa:3072 -nodes -days 3650 -subj "/CN=rexec_server $HOST_IP" \
+            -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.crt"
+    ) >/dev/null 2>&1 || die "openssl could not make the rexec certificate in $TLS_DIR"
+    run chmod 0400 -- "$TLS_DIR/server.key"
+    run chmod 0444 -- "$TLS_DIR/server.crt"
+    say "made a self-signed certificate for rexec_server in $TLS_DIR"
+    CHANGED_REXEC=$((CHANGED_REXEC + 1))
+}
+
+firewall() {
+    [[ $FIREWALL == 1 ]] || { warn "no firewall: the recipe gives no dpu_ip"; return 0; }
+    if [[ $NO_FIREWALL == 1 ]]; then
+        warn "--no-firewall: the qtfs, rexec, QMP and console ports answer every network that reaches $QTFS_LISTEN_IP"
+        return 0
+    fi
+    install_if_changed "$SCRIPT_DIR/firewall.nft" "$CONF_DIR/firewall.nft" 0644
+    # replaces the table $FW_TABLE alone (the file deletes and recreates it)
+    run nft -f "$CONF_DIR/firewall.nft" || die "nft -f $CONF_DIR/firewall.nft failed"
+    run systemctl enable "$FW_UNIT" >/dev/null 2>&1 || warn "could not enable $FW_UNIT"
+    say "firewall: table $FW_TABLE admits the DPU $DPU_IP only"
+}
+
 main() {
-    local d changed=0 kr
+    local d units_changed=0 u
+    local -a restart=() start=() units=()
     while (($#)); do
         case $1 in
         -h | --help) usage; exit 0 ;;
         --dry-run) DRY_RUN=1 ;;
+        --no-firewall) NO_FIREWALL=1 ;;
         --ko) (($# >= 2)) || die "--ko needs a file"; KO=$2; shift ;;
         --ko=*) KO=${1#*=} ;;
         *) die "unknown argument $(printf '%q' "$1") (see --help)" ;;
@@ -50,47 +239,47 @@ main() {
         shift
     done
     [[ $DRY_RUN == 1 || $EUID -eq 0 ]] || die "must run as root (or with --dry-run)"
+    check_all
 
+    CHANGED_REXEC=0 CHANGED_ENGINE=0
     for d in "${QTFS_DIRS[@]}"; do
         [[ -d $d ]] || run mkdir -p -- "$d"
     done
-
     if [[ -f $SCRIPT_DIR/rexec_server ]]; then
         install_if_changed "$SCRIPT_DIR/rexec_server" "$REXEC_SERVER_PATH" 0755
-        changed=$((changed + REPLY))
+        CHANGED_REXEC=$((CHANGED_REXEC + REPLY))
     fi
     if [[ -f $SCRIPT_DIR/engine ]]; then
         install_if_changed "$SCRIPT_DIR/engine" "$ENGINE_PATH" 0755
-        changed=$((changed + REPLY))
+        CHANGED_ENGINE=$((CHANGED_ENGINE + REPLY))
     fi
-    [[ $DRY_RUN == 1 || -x $REXEC_SERVER_PATH ]] || die "no rexec_server at $REXEC_SERVER_PATH"
-    [[ $DRY_RUN == 1 || -x $ENGINE_PATH ]] || die "no qtfs engine at $ENGINE_PATH"
-
+    if [[ -n $MODULE_SRC && $MODULE_SRC != "$MODULE_PATH" ]]; then
+        install_if_changed "$MODULE_SRC" "$MODULE_PATH" 0644
+    fi
     install_if_changed "$SCRIPT_DIR/whitelist" /etc/rexec/whitelist 0400
-    install_if_changed "$SCRIPT_DIR/rexec.service" "$UNIT_DIR/rexec.service" 0644
-    changed=$((changed + REPLY))
-    install_if_changed "$SCRIPT_DIR/qtfs-engine.service" "$UNIT_DIR/qtfs-engine.service" 0644
-    changed=$((changed + REPLY))
-    ((changed == 0)) || run systemctl daemon-reload
+    CHANGED_REXEC=$((CHANGED_REXEC + REPLY))
+    install_if_changed "$SCRIPT_DIR/server.json" /etc/rexec/server.json 0400
+    CHANGED_REXEC=$((CHANGED_REXEC + REPLY))
+    make_tls
+    units=(rexec.service qtfs-engine.service)
+    [[ $FIREWALL == 0 || $NO_FIREWALL == 1 ]] || units+=("$FW_UNIT")
+    for u in "${units[@]}"; do
+        install_if_changed "$SCRIPT_DIR/$u" "$UNIT_DIR/$u" 0644
+        units_changed=$((units_changed + REPLY))
+        case $u in
+        rexec.service) CHANGED_REXEC=$((CHANGED_REXEC + REPLY)) ;;
+        qtfs-engine.service) CHANGED_ENGINE=$((CHANGED_ENGINE + REPLY)) ;;
+        esac
+    done
+    ((units_changed == 0)) || run systemctl daemon-reload
+    firewall
 
-    if [[ -d /sys/module/qtfs_server ]]; then
-        say "qtfs_server is already loaded"
-    else
-        KO=${KO:-$SCRIPT_DIR/qtfs_server.ko}
-        [[ -f $KO ]] || die "no qtfs_server.ko at $KO (use --ko FILE)"
-        kr=$(uname -r)
-        ko_vermagic "$KO"
-        [[ $REPLY == "$kr" ]] || die "$KO was built for kernel ${REPLY:-unknown}, this host runs $kr"
-        run insmod "$KO" "qtfs_server_ip=$QTFS_LISTEN_IP" "qtfs_log_level=$QTFS_LOG_LEVEL"
-    fi
-
-    if ((changed > 0)); then
-        run systemctl enable rexec.service qtfs-engine.service
-        run systemctl restart rexec.service qtfs-engine.service
-    else
-        run systemctl enable --now rexec.service qtfs-engine.service
-    fi
-    say "host ready for $IMAGE_NAME: rexec_server on $REXEC_LISTEN, qtfs engine running"
+    run systemctl enable rexec.service qtfs-engine.service
+    if ((CHANGED_REXEC > 0)); then restart+=(rexec.service); else start+=(rexec.service); fi
+    if ((CHANGED_ENGINE > 0)); then restart+=(qtfs-engine.service); else start+=(qtfs-engine.service); fi
+    ((${#restart[@]} == 0)) || run systemctl restart "${restart[@]}"
+    ((${#start[@]} == 0)) || run systemctl start "${start[@]}"
+    say "host ready for $IMAGE_NAME: qtfs_server on $QTFS_LISTEN_IP:$QTFS_PORT, rexec_server on tcp://$REXEC_LISTEN"
 }
 
 main "$@"

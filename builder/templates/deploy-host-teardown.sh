@@ -13,10 +13,13 @@ usage() {
 Usage: $PROG [--purge] [--dry-run]
 
 Undo setup.sh for image $IMAGE_NAME: stop and disable qtfs-engine.service and
-rexec.service, then unload qtfs_server (after the engine is gone).  Run
-teardown.sh on the DPU first.  Succeeds on an already clean host.
+rexec.service, unload qtfs_server (after the engine is gone), then stop
+$FW_UNIT and delete the nftables table $FW_TABLE (only that table: other
+tables and rules stay as they are).  Run teardown.sh on the DPU first.
+Succeeds on an already clean host.
 
-  --purge     also remove the units from $UNIT_DIR and /etc/rexec/whitelist
+  --purge     also remove what setup.sh installed: the units, /etc/rexec/whitelist,
+              /etc/rexec/server.json, $CONF_DIR, $MODULE_PATH, rexec's TLS files in $TLS_DIR
   --dry-run   print what would be done, change nothing
 EOF
 }
@@ -41,8 +44,21 @@ main() {
     if [[ -d /sys/module/qtfs_server ]]; then
         run rmmod qtfs_server || die "rmmod qtfs_server failed (is a DPU still connected?)"
     fi
+    if [[ -f $UNIT_DIR/$FW_UNIT ]] && command -v systemctl >/dev/null 2>&1; then
+        run systemctl disable --now "$FW_UNIT" || warn "could not stop $FW_UNIT"
+    fi
+    # shellcheck disable=SC2086 # FW_TABLE is "family name"
+    if command -v nft >/dev/null 2>&1 && nft list table $FW_TABLE >/dev/null 2>&1; then
+        # shellcheck disable=SC2086
+        run nft delete table $FW_TABLE || die "nft delete table $FW_TABLE failed"
+    fi
     if [[ $PURGE == 1 ]]; then
-        run rm -f -- "$UNIT_DIR/qtfs-engine.service" "$UNIT_DIR/rexec.service" /etc/rexec/whitelist
+        run rm -f -- "$UNIT_DIR/qtfs-engine.service" "$UNIT_DIR/rexec.service" "$UNIT_DIR/$FW_UNIT" \
+            /etc/rexec/whitelist /etc/rexec/server.json "$CONF_DIR/firewall.nft" "$MODULE_PATH" \
+            "$TLS_DIR/server.crt" "$TLS_DIR/server.key"
+        for unit in "$CONF_DIR" "${MODULE_PATH%/*}" "$TLS_DIR"; do
+            if [[ -d $unit ]]; then run rmdir -- "$unit" 2>/dev/null || true; fi
+        done
         if command -v systemctl >/dev/null 2>&1; then run systemctl daemon-reload; fi
     fi
     say "host side of $IMAGE_NAME stopped"

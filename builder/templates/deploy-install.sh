@@ -13,11 +13,16 @@ refuse() { printf '%s: error: %s; nothing was installed\n' "$PROG" "$*" >&2; exi
 
 usage() {
     cat <<EOF
-Usage: $PROG --target DIR [--format tar|raw|squashfs] [--scripts DIR] [--dry-run] [--force]
+Usage: $PROG --target DIR [--trust FILE] [--format tar|raw|squashfs] [--scripts DIR]
+                  [--dry-run] [--force]
 
 Install image $IMAGE_NAME from this bundle (run as root on the DPU):
-  1. verify every file of the bundle against SHA256SUMS (and that every file
-     is listed) before writing anything;
+  0. with --trust FILE (an ssh-keygen allowed-signers file), before reading
+     anything else: verify SHA256SUMS.sig, the signature of SHA256SUMS, with
+     ssh-keygen -Y verify (namespace $SIGN_NAMESPACE) and say which key signed;
+     an unsigned bundle, or one signed by a key not in FILE, is refused;
+  1. verify every file of the bundle, this installer included, against
+     SHA256SUMS (and that every file is listed) before writing anything;
   2. check the rootfs artifact: for a tarball no absolute or '..' member
      names and no hard link pointing outside the target; an image must be a
      raw ext4 or squashfs filesystem;
@@ -35,7 +40,15 @@ Then: DIR.deploy/prepare.sh, DIR.deploy/start-libvirtd.sh; later
 DIR.deploy/teardown.sh.  The host side is in host/ of the bundle: copy it to
 the host and run its setup.sh.
 
-  --target DIR    where the rootfs goes (e.g. /another_rootfs)
+  --target DIR    where the rootfs goes (e.g. /another_rootfs); system
+                  directories (/usr, /var/lib, /var/log, ...) are refused; a
+                  mount point (the rootfs on its own partition) needs --force,
+                  and the tarball is then installed into it in place
+  --trust FILE    allowed signers, one line per key:
+                  "NAME namespaces=\"$SIGN_NAMESPACE\" ssh-ed25519 AAAA..."
+                  (check this installer by hand first the same way:
+                  ssh-keygen -Y verify -f FILE -I NAME -n $SIGN_NAMESPACE
+                  -s SHA256SUMS.sig < SHA256SUMS && sha256sum -c SHA256SUMS)
   --format F      which artifact to install when the bundle has several:
                   tar (rootfs.tar, .tar.zst or .tar.gz), raw or squashfs.
                   Default: a tarball if there is one, else raw, else squashfs.
@@ -43,8 +56,11 @@ the host and run its setup.sh.
                   mounted; convert it (qemu-img convert -O raw) instead.
   --scripts DIR   where the DPU scripts go (default: DIR.deploy)
   --dry-run       verify and check everything, print the plan, write nothing
-  --force         replace an existing non-empty DIR or an existing image
-                  (never a mounted one: run teardown.sh first)
+  --force         replace an existing non-empty DIR or an existing image, or
+                  install into a DIR that is a mount point (never into one
+                  with mounts below it: run teardown.sh first)
+Symbolic links planted as DIR.deploy (or --scripts) or as files in it are
+refused, never followed.
 EOF
 }
 
@@ -57,24 +73,38 @@ canonical() {
     [[ $p == /* ]] || p=$PWD/$p
     p=$(realpath -m -- "$p") || die "cannot resolve $(shown "$1")"
     is_path "$p" || die "$(shown "$p") is not a path of plain characters"
-    case $p in
-    / | /bin | /boot | /dev | /etc | /home | /lib | /lib64 | /opt | /proc | /root | /run | /sbin | \
-        /srv | /sys | /tmp | /usr | /var | /usr/* | /etc/* | /proc/* | /sys/* | /dev/*)
-        die "refusing to install into $p" ;;
-    esac
+    system_dir "$p" && die "refusing to install into $p: a system directory"
     REPLY=$p
 }
 
-TARGET="" SCRIPTS="" DRY_RUN=0 FORCE=0 FORMAT=""
+# system_dir PATH: a directory of the system itself (FHS), or inside one of
+# the trees that belong to the system as a whole
+system_dir() {
+    case $1 in
+    / | /bin | /boot | /dev | /etc | /home | /lib | /lib32 | /lib64 | /libx32 | /media | /mnt | \
+        /opt | /proc | /root | /run | /sbin | /srv | /sys | /tmp | /usr | /var | /lost+found | \
+        /bin/* | /boot/* | /dev/* | /etc/* | /lib/* | /lib32/* | /lib64/* | /libx32/* | \
+        /proc/* | /run/* | /sbin/* | /sys/* | /usr/* | /var/lib/* | /var/log/* | /var/cache/* | \
+        /var/spool/* | /var/tmp/* | /var/run/* | /var/lock/*)
+        return 0 ;;
+    /var/*) [[ ${1#/var/} == */* ]] && return 1 || return 0 ;;
+    esac
+    return 1
+}
+
+TARGET="" SCRIPTS="" DRY_RUN=0 FORCE=0 FORMAT="" TRUST=""
 parse_args() {
     while (($#)); do
         case $1 in
         -h | --help) usage; exit 0 ;;
-        --target | --scripts | --format)
+        --target | --scripts | --format | --trust)
             (($# >= 2)) || die "$1 needs a value"
             set -- "$1=$2" "${@:3}"
             continue ;;
         --target=*) TARGET=${1#*=} ;;
+        --trust=*)
+            TRUST=${1#*=}
+            [[ -n $TRUST ]] || die "--trust needs a file" ;;
         --scripts=*) SCRIPTS=${1#*=} ;;
         --format=*)
             FORMAT=${1#*=}
@@ -89,7 +119,11 @@ parse_args() {
     [[ -n $TARGET ]] || die "--target DIR is required (see --help)"
     canonical "$TARGET"
     TARGET=$REPLY
-    canonical "${SCRIPTS:-$TARGET.deploy}"
+    # DIR.deploy planted as a symlink would lead the scripts elsewhere
+    local given=${SCRIPTS:-$TARGET.deploy}
+    [[ $given == /* ]] || given=$PWD/$given
+    [[ ! -L ${given%/} ]] || refuse "${given%/} is a symbolic link: refusing to follow it"
+    canonical "$given"
     SCRIPTS=$REPLY
     [[ $SCRIPTS != "$TARGET" && $SCRIPTS != "$TARGET"/* ]] || die "--scripts must lie outside the target"
     for d in "$TARGET.raw" "$TARGET.squashfs"; do
@@ -100,6 +134,31 @@ parse_args() {
             die "$d overlaps the bundle directory $BUNDLE_DIR"
     done
     [[ $DRY_RUN == 1 || $EUID -eq 0 ]] || die "must run as root to keep owners and devices (or use --dry-run)"
+}
+
+# --- 0. the signature --------------------------------------------------------------
+# verify_signature: with --trust, SHA256SUMS was signed by a key in the trust
+# file (before anything else of the bundle is read)
+verify_signature() {
+    local sig=$BUNDLE_DIR/SHA256SUMS.sig sums=$BUNDLE_DIR/SHA256SUMS principal out
+    if [[ -z $TRUST ]]; then
+        if [[ -f $sig ]]; then
+            say "the bundle is signed (SHA256SUMS.sig); --trust FILE would check by whom"
+        else
+            say "the bundle is not signed"
+        fi
+        return 0
+    fi
+    [[ -f $TRUST && -r $TRUST ]] || refuse "--trust $(shown "$TRUST") is not a readable file"
+    [[ -f $sig && ! -L $sig ]] || refuse "the bundle is not signed (no SHA256SUMS.sig), and --trust was given"
+    [[ -f $sums && ! -L $sums ]] || refuse "no SHA256SUMS in $BUNDLE_DIR"
+    command -v ssh-keygen >/dev/null 2>&1 || refuse "ssh-keygen (openssh) is needed to check the signature"
+    principal=$(ssh-keygen -Y find-principals -f "$TRUST" -s "$sig" -n "$SIGN_NAMESPACE" 2>/dev/null) ||
+        refuse "SHA256SUMS.sig was not made by a key in $TRUST"
+    principal=${principal%%$'\n'*}
+    out=$(ssh-keygen -Y verify -f "$TRUST" -I "$principal" -n "$SIGN_NAMESPACE" -s "$sig" <"$sums" 2>&1) ||
+        refuse "the signature of SHA256SUMS does not verify with $TRUST: SHA256SUMS was modified ($(printf '%s' "$out" | tr '\n' ' '))"
+    say "${out%%$'\n'*}"
 }
 
 # --- 1. checksums ----------------------------------------------------------------
@@ -123,7 +182,7 @@ verify_sums() {
         LISTED[$path]=$hash
     done <"$sums"
     while IFS= read -r -d '' path; do
-        case $path in install.sh | SHA256SUMS) continue ;; esac
+        case $path in SHA256SUMS | SHA256SUMS.sig) continue ;; esac
         [[ -n ${LISTED[$path]:-} ]] || refuse "$(shown "$path") is in the bundle but not in SHA256SUMS"
     done < <(find "$BUNDLE_DIR" -mindepth 1 ! -type d -printf '%P\0')
     say "verified ${#LISTED[@]} files against SHA256SUMS"
@@ -253,19 +312,34 @@ install_image() {
 
 # --- 3. the target ---------------------------------------------------------------------
 check_target() {
-    local _id _parent _dev _root mp _rest
+    local _id _parent _dev _root mp _rest f link
     while read -r _id _parent _dev _root mp _rest; do
         mp=${mp//\\040/ }
-        if [[ $mp == "$TARGET" || $mp == "$TARGET"/* ]]; then
+        if [[ $mp == "$TARGET" ]]; then
+            TARGET_MOUNTED=1
+        elif [[ $mp == "$TARGET"/* ]]; then
             refuse "$mp is mounted (a prepared rootfs?): run teardown.sh first"
         fi
     done </proc/self/mountinfo
+    if [[ $TARGET_MOUNTED == 1 ]]; then
+        [[ $KIND == tar ]] ||
+            refuse "$TARGET is a mount point: prepare.sh mounts $ARTIFACT on $TARGET itself; install a tarball into the partition, or choose another --target"
+        [[ $FORCE == 1 ]] || refuse "$TARGET is a mount point (its own filesystem): --force installs into it"
+    fi
     if [[ -e $TARGET || -L $TARGET ]]; then
         [[ -d $TARGET && ! -L $TARGET ]] || refuse "$TARGET exists and is not a directory"
-        if [[ -n $(find "$TARGET" -mindepth 1 -maxdepth 1 -print -quit) ]]; then
+        if [[ -n $(find "$TARGET" -mindepth 1 -maxdepth 1 ! -name lost+found -print -quit) ]]; then
             [[ $FORCE == 1 ]] || refuse "$TARGET exists and is not empty (--force replaces it)"
             REPLACE=1
         fi
+    fi
+    if [[ -e $SCRIPTS || -L $SCRIPTS ]]; then
+        [[ -d $SCRIPTS && ! -L $SCRIPTS ]] || refuse "$SCRIPTS exists and is not a directory"
+        for f in "$BUNDLE_DIR"/dpu/*; do
+            for link in "$SCRIPTS/${f##*/}" "$SCRIPTS/${f##*/}.new"; do
+                [[ ! -L $link ]] || refuse "$link is a symbolic link: refusing to follow it"
+            done
+        done
     fi
     local img f b
     for img in "$TARGET.raw" "$TARGET.squashfs"; do
@@ -336,9 +410,40 @@ install_scripts() {
     done
 }
 
+# install_in_place: TARGET is a mount point (its own filesystem), which cannot
+# be renamed: extract next to the old content inside it, then swap the
+# entries (lost+found stays unless the tarball brings one)
+install_in_place() {
+    local old e
+    STAGE=$(mktemp -d -- "$TARGET/.installing.XXXXXX")
+    chmod 0755 -- "$STAGE"
+    install_tar
+    # the partition's root gets the tarball's ./ (owner, mode, and at the end mtime)
+    if ! { chown --reference="$STAGE" -- "$TARGET" && chmod --reference="$STAGE" -- "$TARGET" &&
+        touch -r "$STAGE" -- "$WORK/root-time"; }; then
+        die "cannot set the owner and mode of $TARGET"
+    fi
+    old=$(mktemp -d -- "$TARGET/.old.XXXXXX")
+    while IFS= read -r -d '' e; do
+        [[ $e != "$STAGE" && $e != "$old" && ${e##*/} != lost+found ]] || continue
+        mv -- "$e" "$old/"
+    done < <(find "$TARGET" -mindepth 1 -maxdepth 1 -print0)
+    while IFS= read -r -d '' e; do
+        if [[ ${e##*/} == lost+found && -d $TARGET/lost+found ]]; then
+            rmdir -- "$TARGET/lost+found" 2>/dev/null || mv -- "$TARGET/lost+found" "$old/"
+        fi
+        mv -- "$e" "$TARGET/"
+    done < <(find "$STAGE" -mindepth 1 -maxdepth 1 -print0)
+    rmdir -- "$STAGE"
+    STAGE=""
+    rm -rf --one-file-system -- "$old"
+    touch -r "$WORK/root-time" -- "$TARGET"
+}
+
 main() {
-    REPLACE=0 REPLACE_IMAGE=0 STAGE=""
+    REPLACE=0 REPLACE_IMAGE=0 STAGE="" TARGET_MOUNTED=0
     parse_args "$@"
+    verify_signature
     verify_sums
     find_artifact
     WORK=$(mktemp -d)
@@ -363,13 +468,19 @@ main() {
         return 0
     fi
     mkdir -p -- "$(dirname -- "$TARGET")"
-    STAGE=$(mktemp -d -- "$TARGET.installing.XXXXXX")
-    chmod 0755 -- "$STAGE"
+    if [[ $TARGET_MOUNTED == 1 ]]; then
+        install_in_place
+    else
+        STAGE=$(mktemp -d -- "$TARGET.installing.XXXXXX")
+        chmod 0755 -- "$STAGE"
+    fi
     case $KIND in
-    tar) install_tar ;;
+    tar) [[ $TARGET_MOUNTED == 1 ]] || install_tar ;;
     raw | squashfs) install_image ;;  # the stage stays empty: the mount point
     esac
-    if [[ -n $IMAGE && -d $TARGET && $REPLACE == 0 ]]; then
+    if [[ $TARGET_MOUNTED == 1 ]]; then
+        :
+    elif [[ -n $IMAGE && -d $TARGET && $REPLACE == 0 ]]; then
         # an empty directory already: it is the mount point
         rm -rf --one-file-system -- "$STAGE"
         STAGE=""

@@ -11,31 +11,48 @@ usage() {
     cat <<EOF
 Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--rehearse HOSTDIR]
 
-Prepare the rootfs of image $IMAGE_NAME for libvirtd: load qtfs.ko, write the
-rexec address files (hostaddr, rexecport, qmpport in /var/run/rexec and
-/etc/rexec), loop-mount ROOTFS_IMAGE on the rootfs if the config names one (a
-raw ext4 image read-write unless ROOTFS_IMAGE_RO=1, a squashfs read-only) and
-mount everything libvirtd needs into the rootfs, in order.
-Running it again changes nothing; if a step fails, the mounts this run made
-are undone in reverse and the step is named.  What was mounted is recorded in
-/run/rootfs-build/$IMAGE_NAME/ (ROOTFS_BUILD_STATE_DIR overrides the base) for
-teardown.sh and status.sh.
+Prepare the rootfs of image $IMAGE_NAME for libvirtd: load qtfs.ko, stop the
+DPU's own libvirtd, virtlogd and virtlockd and their sockets and mask them
+until reboot, write the rexec files (hostaddr, rexecport, qmpport, usetls in
+/var/run/rexec and /etc/rexec; /etc/rexec/client.json), loop-mount
+ROOTFS_IMAGE on the rootfs if the config names one (a raw ext4 image
+read-write unless ROOTFS_IMAGE_RO=1, a squashfs read-only) and mount
+everything libvirtd needs into the rootfs, in order.
+
+A path counts as mounted only when the right filesystem is mounted there
+(type and source; for a bind mount, the same directory); anything else there
+is an error, never mounted over.  Directories are never created through a
+qtfs mount (that would write on the host), and every directory or file made
+outside the rootfs's own filesystem is recorded so teardown.sh removes it.
+cgroup: the v1 controllers when every one the kernel offers can be mounted,
+else cgroup2 on /sys/fs/cgroup; decided once, recorded, never retried.
+Running it again changes nothing; if a step fails, what this run did is
+undone in reverse and the step is named.  The state is kept in
+/run/rootfs-build/$IMAGE_NAME/<hash of the rootfs path>/
+(ROOTFS_BUILD_STATE_DIR overrides the base) for teardown.sh and status.sh.
 
   --root DIR          the rootfs (default: ROOTFS in the config)
   --config FILE       settings (default: offload.conf next to this script)
   --dry-run           print what would be done, change nothing
-  --rehearse HOSTDIR  try it on any Linux machine: no qtfs.ko (no insmod, no
-                      kernel check), every qtfs mount becomes a bind mount of
-                      HOSTDIR/<source> (created if missing), the rexec files
-                      go under HOSTDIR; everything else is real.  Use a fresh
-                      mount namespace: unshare -m --propagation private
+  --rehearse HOSTDIR  try it on any Linux machine and leave the machine as it
+                      was: no qtfs.ko, no systemctl; every qtfs mount becomes
+                      a bind mount of HOSTDIR/<source>; the machine's own
+                      directories (the bind mounts, /dev) become overlays
+                      whose writes land in HOSTDIR/.rehearsal/; the rexec
+                      files and the state go under HOSTDIR as well.
+                      Everything else is real.  Use a fresh mount namespace
+                      (unshare -m --propagation private) and pass the same
+                      --rehearse to teardown.sh, status.sh, start-libvirtd.sh.
+                      A rootfs prepared for real is refused.
 EOF
 }
 
-MOUNTED_NOW_IDX=() MOUNTED_NOW_PATH=() INSMOD_NOW=0
+# What this run did, in order (rollback undoes it in reverse): NOW_TAG is a
+# table index or "image" for a mount, "dir" or "file" for something created.
+NOW_TAG=() NOW_PATH=() INSMOD_NOW=0 MASKED_NOW=()
 FINISHED=0 ROLLED_BACK=0 STEP="start"
 N_NEW=0 N_OLD=0 N_SKIP=0
-declare -A CG_MODE=() CG_OK=() SKIP_NOW=()
+declare -A CG_OK=() SKIP_NOW=() QTFS_AT=()
 
 IMAGE_KIND="" IMAGE_OPTS=""
 # check_image: ROOTFS_IMAGE is a file prepare can mount (before anything changes)
@@ -74,7 +91,6 @@ mount_image() {
     if ((${#IMAGE_LOOPS[@]} > 0)) && [[ $IMAGE_OPTS != *,ro ]]; then
         fail "$IMAGE is in use already (${IMAGE_LOOPS[*]}); mounting it read-write twice would corrupt it"
     fi
-    ensure_dir "$ROOT"
     if [[ -d $ROOT && -n $(find "$ROOT" -mindepth 1 -maxdepth 1 -print -quit) ]]; then
         warn "$ROOT is not empty: what it holds is hidden while the image is mounted on it"
     fi
@@ -83,8 +99,7 @@ mount_image() {
         return 0
     fi
     out=$(mount -t "$IMAGE_KIND" -o "$IMAGE_OPTS" -- "$IMAGE" "$ROOT" 2>&1) || fail "$out"
-    MOUNTED_NOW_IDX+=(image) MOUNTED_NOW_PATH+=("$ROOT")
-    record_add image "$ROOT"
+    done_now image "$ROOT"
     N_NEW=$((N_NEW + 1))
     test_hold
 }
@@ -94,38 +109,60 @@ record_add() {
     printf '%s\t%s\n' "$1" "$2" >>"$STATE_MOUNTS"
 }
 
+# done_now TAG PATH: this run did it (mounted, or created a dir or file): record it
+done_now() {
+    NOW_TAG+=("$1") NOW_PATH+=("$2")
+    record_add "$1" "$2"
+}
+
+# record_drop TAG PATH: forget that record
 record_drop() {
     [[ $DRY_RUN == 0 && -f $STATE_MOUNTS ]] || return 0
-    local idx path tmp=$STATE_MOUNTS.tmp.$$
-    while IFS=$'\t' read -r idx path; do
-        [[ $idx == "$1" ]] || printf '%s\t%s\n' "$idx" "$path"
+    local tag path tmp=$STATE_MOUNTS.tmp.$$
+    while IFS=$'\t' read -r tag path; do
+        [[ $tag == "$1" && $path == "$2" ]] || printf '%s\t%s\n' "$tag" "$path"
     done <"$STATE_MOUNTS" >"$tmp"
     mv -f -- "$tmp" "$STATE_MOUNTS"
 }
 
+is_mount_tag() { [[ $1 != dir && $1 != file ]]; }
+
+# undo_one TAG PATH: unmount a mount, remove a created dir (if empty) or file
+undo_one() {
+    case $1 in
+    dir) rmdir -- "$2" 2>/dev/null || [[ ! -d $2 ]] ;;
+    file) rm -f -- "$2" ;;
+    *) umount -- "$2" ;;
+    esac
+}
+
 rollback() {
-    local k n=0
+    local k n=0 m=0
     ROLLED_BACK=1
     set +e
-    for ((k = ${#MOUNTED_NOW_PATH[@]} - 1; k >= 0; k--)); do
-        if umount -- "${MOUNTED_NOW_PATH[k]}"; then
-            record_drop "${MOUNTED_NOW_IDX[k]}"
-            n=$((n + 1))
+    for ((k = ${#NOW_TAG[@]} - 1; k >= 0; k--)); do
+        ! is_mount_tag "${NOW_TAG[k]}" || m=$((m + 1))
+        if undo_one "${NOW_TAG[k]}" "${NOW_PATH[k]}"; then
+            record_drop "${NOW_TAG[k]}" "${NOW_PATH[k]}"
+            ! is_mount_tag "${NOW_TAG[k]}" || n=$((n + 1))
         else
-            warn "could not unmount ${MOUNTED_NOW_PATH[k]}; run teardown.sh"
+            warn "could not undo ${NOW_TAG[k]} ${NOW_PATH[k]}; run teardown.sh"
         fi
     done
     if [[ $INSMOD_NOW == 1 ]]; then rmmod qtfs || warn "could not unload qtfs"; fi
-    printf '%s: rolled back: unmounted %s of the %s mount(s) this run made\n' \
-        "$PROG" "$n" "${#MOUNTED_NOW_PATH[@]}" >&2
+    if ((${#MASKED_NOW[@]} > 0)); then
+        systemctl unmask --runtime -- "${MASKED_NOW[@]}" || warn "could not unmask ${MASKED_NOW[*]}"
+        rm -f -- "$STATE_MASKED"
+    fi
+    printf '%s: rolled back: unmounted %s of the %s mount(s) this run made\n' "$PROG" "$n" "$m" >&2
 }
 
-# fail MESSAGE: name the step, undo this run's mounts, exit 1.
+did_something() { ((${#NOW_TAG[@]} > 0 || ${#MASKED_NOW[@]} > 0)) || [[ $INSMOD_NOW == 1 ]]; }
+
+# fail MESSAGE: name the step, undo this run's work, exit 1.
 fail() {
     printf '%s: failed at %s: %s\n' "$PROG" "$STEP" "$(one_line "$*")" >&2
-    if [[ $ROLLED_BACK == 0 ]] && { ((${#MOUNTED_NOW_PATH[@]} > 0)) || [[ $INSMOD_NOW == 1 ]]; }; then
-        rollback
-    fi
+    if [[ $ROLLED_BACK == 0 ]] && did_something; then rollback; fi
     ROLLED_BACK=1
     exit 1
 }
@@ -135,27 +172,86 @@ on_exit() {
     ((rc != 0)) && [[ $FINISHED == 0 && $ROLLED_BACK == 0 ]] || return 0
     # die (exit 2) has said why already
     ((rc == 2)) || printf '%s: failed at %s (exit status %s)\n' "$PROG" "$STEP" "$rc" >&2
-    if ((${#MOUNTED_NOW_PATH[@]} > 0)) || [[ $INSMOD_NOW == 1 ]]; then rollback; fi
+    if did_something; then rollback; fi
 }
 
-ensure_dir() {
-    local hint=""
-    [[ -d $1 ]] && return 0
-    [[ ! -e $1 && ! -L $1 ]] || fail "$1 exists and is not a directory"
-    if [[ -n $IMAGE && $IMAGE_OPTS == *,ro && $1 == "$ROOT"/* ]]; then
+# untracked_place PATH: may prepare create things at PATH (which lies on mount
+# M) without recording them?  Yes inside HOSTDIR during a rehearsal, on the
+# rootfs's own filesystem, and on a tmpfs of the table (gone with it).
+untracked_place() {
+    if [[ -n $REHEARSE ]] && [[ $1 == "$HOSTDIR" || $1 == "$HOSTDIR"/* ]]; then return 0; fi
+    under_root "$1" || [[ $1 == "$ROOT" ]] || return 1
+    ((M >= 0)) || return 1
+    [[ ${MI_FSTYPE[M]} == tmpfs && ${MI_PATH[M]} == "$ROOT"/* ]] && return 0
+    mount_of "$ROOT"
+    [[ $M == "$REPLY" ]]
+}
+
+# make_dir PATH: create PATH (and missing parents), one directory at a time.
+# Never through a qtfs mount (or, rehearsing, its stand-in): that would write
+# on the host.  Directories made outside the rootfs's own filesystem (the
+# DPU's /dev, or its /etc and /var/lib through the bind mounts) are recorded,
+# so teardown.sh removes them again.
+make_dir() {
+    local path=$1 parent p rest comp hint="" record=1
+    [[ -d $path ]] && return 0
+    [[ ! -e $path && ! -L $path ]] || fail "$path exists and is not a directory"
+    # paths below ROOT come resolved inside it; others (/var/run/rexec) are resolved here
+    under_root "$path" || path=$(realpath -m -- "$path")
+    [[ -d $path ]] && return 0
+    existing_parent "$path"
+    parent=$REPLY
+    [[ -d $parent && ! -L $parent ]] || fail "cannot create $path: $parent is not a directory"
+    read_mountinfo
+    mount_of "$parent"
+    M=$REPLY
+    if ((M >= 0)) && [[ ${MI_FSTYPE[M]} == qtfs || -n ${QTFS_AT[${MI_PATH[M]}]:-} ]]; then
+        fail "will not create $path: it would lie on the qtfs mount on ${MI_PATH[M]}, i.e. on the host"
+    fi
+    ! untracked_place "$parent" || record=0
+    if [[ -n $IMAGE && $IMAGE_OPTS == *,ro && $path == "$ROOT"/* ]]; then
         hint=" (the rootfs image is read-only: the directory must exist in it)"
     fi
-    run mkdir -p -- "$1" || fail "cannot create $1$hint"
+    p=$parent rest=${path#"$parent"}
+    [[ $parent != / ]] || p=""
+    while [[ -n ${rest#/} ]]; do
+        rest=${rest#/}
+        comp=${rest%%/*}
+        if [[ $rest == */* ]]; then rest=/${rest#*/}; else rest=""; fi
+        p+=/$comp
+        run mkdir -- "$p" || fail "cannot create $p$hint"
+        if ((record)) && [[ $DRY_RUN == 0 ]]; then done_now dir "$p"; fi
+    done
 }
 
-# write_file FILE VALUE: FILE holds VALUE and a newline (rewritten only if different).
+# make_file PATH: an empty file as the mount point of a file bind (recorded like make_dir)
+make_file() {
+    local record=1
+    [[ -e $1 ]] && return 0
+    make_dir "${1%/*}"
+    read_mountinfo
+    mount_of "${1%/*}"
+    M=$REPLY
+    ! untracked_place "${1%/*}" || record=0
+    run touch -- "$1" || fail "cannot create $1"
+    if ((record)) && [[ $DRY_RUN == 0 ]]; then done_now file "$1"; fi
+}
+
+# write_file FILE VALUE [MODE]: FILE holds VALUE and a newline, owned by root
+# (rewritten only if different); a file this creates outside HOSTDIR is recorded.
 write_file() {
-    local f=$1 v=$2
-    if [[ -f $f && ! -L $f ]] && [[ $(<"$f") == "$v" ]]; then return 0; fi
-    if [[ $DRY_RUN == 1 ]]; then say "would write $v to $f"; return 0; fi
-    if ! { printf '%s\n' "$v" >"$f.tmp.$$" && chmod 0644 "$f.tmp.$$" && mv -f -- "$f.tmp.$$" "$f"; }; then
+    local f=$1 v=$2 mode=${3:-0644} new=0
+    if [[ -f $f && ! -L $f ]] && [[ $(<"$f") == "$v" && $(stat -c '%a %u %g' -- "$f") == "${mode#0} 0 0" ]]; then
+        return 0
+    fi
+    if [[ $DRY_RUN == 1 ]]; then say "would write $(one_line "$v") to $f"; return 0; fi
+    [[ -e $f || -L $f ]] || new=1
+    if ! { printf '%s\n' "$v" >"$f.tmp.$$" && chown 0:0 -- "$f.tmp.$$" && chmod "$mode" -- "$f.tmp.$$" &&
+        mv -f -- "$f.tmp.$$" "$f"; }; then
+        rm -f -- "$f.tmp.$$"
         fail "cannot write $f"
     fi
+    if ((new)) && ! [[ -n $REHEARSE && $f == "$HOSTDIR"/* ]]; then done_now file "$f"; fi
 }
 
 load_qtfs() {
@@ -181,28 +277,51 @@ load_qtfs() {
     [[ $DRY_RUN == 1 ]] || INSMOD_NOW=1
 }
 
+# The DPU's own libvirt would compete with the rootfs's for the sockets and
+# pid files in the DPU's /var/run: stop it, and mask it until reboot so that
+# socket activation cannot start it again (teardown.sh unmasks it).
+COMPETING_UNITS=(libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket
+    libvirtd-tcp.socket libvirtd-tls.socket virtlogd.service virtlogd.socket
+    virtlogd-admin.socket virtlockd.service virtlockd.socket virtlockd-admin.socket)
 stop_dpu_libvirtd() {
-    STEP="stopping the DPU's own libvirtd"
+    local u state
+    local -a units=()
+    STEP="stopping the DPU's own libvirt daemons"
     [[ -z $REHEARSE ]] || return 0
-    command -v systemctl >/dev/null 2>&1 || return 0
-    if systemctl is-active --quiet libvirtd.service 2>/dev/null; then
-        run systemctl stop libvirtd.service || fail "systemctl stop libvirtd failed"
-    fi
+    # only where systemd runs (sd_booted)
+    [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1 || return 0
+    for u in "${COMPETING_UNITS[@]}"; do
+        state=$(systemctl show -p LoadState --value -- "$u" 2>/dev/null) || state=""
+        [[ $state != loaded ]] || units+=("$u")
+    done
+    ((${#units[@]} > 0)) || return 0
+    if [[ $DRY_RUN == 0 ]]; then printf '%s\n' "${units[@]}" >>"$STATE_MASKED"; fi
+    run systemctl mask --runtime --now -- "${units[@]}" ||
+        fail "systemctl mask --runtime --now ${units[*]} failed"
+    [[ $DRY_RUN == 1 ]] || MASKED_NOW=("${units[@]}")
+    say "stopped, and masked until reboot (teardown.sh unmasks them): ${units[*]}"
 }
 
 write_rexec_files() {
-    local base="" d
-    STEP="writing the rexec address files"
+    local base="" d host=$CFG_HOST_IP
+    STEP="writing the rexec files"
     [[ -z $REHEARSE ]] || base=$HOSTDIR
     # hostaddr/rexecport/qmpport: the libvirt offload patch 0001 reads them in
-    # /var/run/rexec, 0003 and later in /etc/rexec; writing both serves either.
+    # /var/run/rexec, 0003 and later in /etc/rexec; writing both serves
+    # either.  usetls: 1 when rexec_server speaks TLS (the qemu-kvm shim's USE_TLS).
     for d in "$base/var/run/rexec" "$base/etc/rexec"; do
-        ensure_dir "$d"
+        make_dir "$d"
         write_file "$d/hostaddr" "$CFG_HOST_IP"
         write_file "$d/rexecport" "$CFG_REXEC_PORT"
         write_file "$d/qmpport" "$CFG_QMP_PORT"
+        write_file "$d/usetls" "$CFG_REXEC_TLS"
     done
-    ensure_dir "$base/var/run/rexec/pids"
+    # rexec itself reads client.json when libvirt (patch 0003) runs it without
+    # CMD_NET_ADDR, and wants it owned by root with mode 0400
+    [[ $host != *:* ]] || host="[$host]"
+    write_file "$base/etc/rexec/client.json" \
+        "{\"Protocol\": \"tcp\", \"Ipaddr\": \"$host\", \"Port\": \"$CFG_REXEC_PORT\"}" 0400
+    make_dir "$base/var/run/rexec/pids"
 }
 
 PROC_FILESYSTEMS=${ROOTFS_BUILD_PROC_FILESYSTEMS:-/proc/filesystems}
@@ -219,83 +338,137 @@ have_fs() {
 # cgroup_missing OPTIONS: REPLY = the controllers the kernel does not offer.
 cgroup_missing() {
     local -A avail=()
-    local name _h _n enabled o missing=""
+    local name _h _n enabled c missing=""
     while read -r name _h _n enabled; do
         [[ $name == \#* || $enabled != 1 ]] || avail[$name]=1
     done <"$PROC_CGROUPS"
-    local -a words
-    IFS=, read -r -a words <<<"$1"
-    for o in "${words[@]}"; do
-        case $o in
-        *=* | "" | rw | ro | nosuid | suid | nodev | dev | noexec | exec | relatime | norelatime | \
-            noatime | atime | strictatime | nodiratime | diratime | sync | async | dirsync | \
-            lazytime | nolazytime | silent | loud | defaults | none | noprefix | clone_children | \
-            xattr | all | cpuset_v2_mode | favordynmods) ;;
-        *) [[ -n ${avail[$o]:-} ]] || missing+=${missing:+,}$o ;;
-        esac
+    cgroup_controllers "$1"
+    for c in "${CONTROLLERS[@]}"; do
+        [[ -n ${avail[$c]:-} ]] || missing+=${missing:+,}$c
     done
     REPLY=$missing
 }
 
+# skip_entry IDX REASON: entry IDX is not mounted, now or by a later run
 skip_entry() {
     SKIP_NOW[$1]=$2
     N_SKIP=$((N_SKIP + 1))
+    [[ $DRY_RUN == 1 ]] || printf '%s\t%s\n' "$1" "$2" >>"$STATE_SKIPPED"
     say "$STEP: skipped: $2"
 }
 
 test_hold() {
-    local n=${ROOTFS_BUILD_TEST_STOP_AFTER:-}
+    local n=${ROOTFS_BUILD_TEST_STOP_AFTER:-} k c=0
     # For tests: stop (SIGSTOP) after that many mounts, so a test can SIGKILL
     # prepare half-way.
     [[ -n $n && $n =~ ^[0-9]+$ ]] || return 0
-    ((${#MOUNTED_NOW_PATH[@]} == n)) && kill -STOP "$$"
+    for k in "${NOW_TAG[@]}"; do ! is_mount_tag "$k" || c=$((c + 1)); done
+    ((c == n)) && kill -STOP "$$"
     return 0
 }
 
+# rehearsal_overlay I LOWER PATH: CMD = an overlay of the machine's LOWER on
+# PATH whose writes land in HOSTDIR (a rehearsal's bind mount or devtmpfs)
+rehearsal_overlay() {
+    local up wk
+    rehearsal_upper "$1"
+    up=$REPLY
+    rehearsal_work "$1"
+    wk=$REPLY
+    if [[ $DRY_RUN == 0 ]]; then mkdir -p -- "$up" "$wk" || fail "cannot create $up"; fi
+    CMD=(mount -t overlay -o "lowerdir=$2,upperdir=$up,workdir=$wk" -- "rehearsal:$2" "$3")
+}
+
 do_mount() { # IDX TYPE SOURCE PATH OPTIONS: mount and record, or fail
-    local i=$1 type=$2 src=$3 path=$4 opts=$5 out hsrc
-    local -a cmd
+    local i=$1 type=$2 src=$3 path=$4 opts=$5 out copy
+    CMD=()
     # Bind mounts are made slaves: on a DPU / is usually shared, and a mount
     # made later below a shared bind of /var/lib (qtfs on var/lib/libvirt)
     # would otherwise also appear on the DPU's own /var/lib/libvirt.
     case $type in
     bind)
         [[ -e $src ]] || fail "bind source $src does not exist"
-        cmd=(mount --bind --make-slave)
-        [[ -z $opts ]] || cmd+=(-o "$opts")
-        cmd+=(-- "$src" "$path") ;;
+        if [[ -n $REHEARSE && -f $src ]]; then
+            # rehearsing: a copy, so that writes stay in HOSTDIR
+            rehearsal_copy "$i"
+            copy=$REPLY
+            if [[ $DRY_RUN == 0 ]]; then
+                { mkdir -p -- "${copy%/*}" && cp -a -- "$src" "$copy"; } || fail "cannot copy $src to $copy"
+            fi
+            CMD=(mount --bind --make-slave -- "$copy" "$path")
+        elif [[ -n $REHEARSE ]]; then
+            rehearsal_overlay "$i" "$(realpath -e -- "$src")" "$path"
+        else
+            CMD=(mount --bind --make-slave)
+            [[ -z $opts ]] || CMD+=(-o "$opts")
+            CMD+=(-- "$src" "$path")
+        fi ;;
     qtfs)
         if [[ -n $REHEARSE ]]; then
-            hsrc=$HOSTDIR$src
-            ensure_dir "$hsrc"
-            cmd=(mount --bind --make-slave -- "$hsrc" "$path")
+            make_dir "$HOSTDIR$src"
+            CMD=(mount --bind --make-slave -- "$HOSTDIR$src" "$path")
         else
-            cmd=(mount -t qtfs)
-            [[ -z $opts ]] || cmd+=(-o "$opts")
-            cmd+=(-- "$src" "$path")
+            CMD=(mount -t qtfs)
+            [[ -z $opts ]] || CMD+=(-o "$opts")
+            CMD+=(-- "$src" "$path")
+        fi ;;
+    devtmpfs)
+        if [[ -n $REHEARSE ]]; then
+            rehearsal_overlay "$i" /dev "$path"
+        else
+            CMD=(mount -t devtmpfs)
+            [[ -z $opts ]] || CMD+=(-o "$opts")
+            CMD+=(-- "$src" "$path")
         fi ;;
     *)
-        cmd=(mount -t "$type")
-        [[ -z $opts ]] || cmd+=(-o "$opts")
-        cmd+=(-- "$src" "$path") ;;
+        CMD=(mount -t "$type")
+        [[ -z $opts ]] || CMD+=(-o "$opts")
+        CMD+=(-- "$src" "$path") ;;
     esac
     if [[ $DRY_RUN == 1 ]]; then
-        run "${cmd[@]}"
+        run "${CMD[@]}"
         return 0
     fi
-    if ! out=$("${cmd[@]}" 2>&1); then
+    if ! out=$("${CMD[@]}" 2>&1); then
         MOUNT_ERROR=$out
         return 1
     fi
-    MOUNTED_NOW_IDX+=("$i") MOUNTED_NOW_PATH+=("$path")
-    record_add "$i" "$path"
+    done_now "$i" "$path"
+    [[ $type != qtfs ]] || QTFS_AT[$path]=1
     test_hold
+}
+
+# write_info: the state's info file (table, mode, root, image, cgroup decisions)
+write_info() {
+    local k mode=real
+    [[ $DRY_RUN == 0 ]] || return 0
+    [[ -z $REHEARSE ]] || mode=rehearse
+    {
+        printf 'table=%s\nmode=%s\nroot=%s\n' "$TABLE_ID" "$mode" "$ROOT"
+        [[ -z $IMAGE ]] || printf 'image=%s\n' "$IMAGE"
+        for k in "${!CG_DECIDED[@]}"; do printf 'cgroup.%s=%s\n' "$k" "${CG_DECIDED[$k]}"; done
+    } >"$STATE_INFO.tmp.$$"
+    mv -f -- "$STATE_INFO.tmp.$$" "$STATE_INFO"
+}
+
+decide_cgroup() { # ROOT_IDX MODE: the cgroup decision for that tmpfs, recorded
+    CG_MODE[$1]=$2
+    CG_DECIDED[$1]=$2
+    write_info
 }
 
 mount_entry() {
     local i=$1 type=${MT_TYPE[$1]} src=${MT_SOURCE[$1]} opts=${MT_OPTIONS[$1]}
     local role=${MT_ROLE[$1]} cgroot=${MT_CGROOT[$1]} path rc=0
     STEP="step $((i + 1))/${#MT_TYPE[@]} ($(describe "$i"))"
+    if [[ -n ${SKIPPED_BY_IDX[$i]:-} ]]; then
+        # decided by an earlier run of this table, never retried: by now
+        # something may be mounted on top of where it would go
+        SKIP_NOW[$i]=${SKIPPED_BY_IDX[$i]}
+        N_SKIP=$((N_SKIP + 1))
+        [[ $DRY_RUN == 0 ]] || say "$STEP: skipped: ${SKIPPED_BY_IDX[$i]}"
+        return 0
+    fi
     if [[ $role == cgroup-v1* ]]; then
         if [[ $cgroot -ge 0 && ${CG_MODE[$cgroot]:-v1} == v2 ]]; then
             skip_entry "$i" "cgroup v2 is mounted instead"
@@ -316,33 +489,35 @@ mount_entry() {
     ((rc != 2)) || fail "cannot resolve ${MT_TARGET[i]} inside $ROOT (symlink loop?)"
     path=$PATH_OF
     under_root "$path" || fail "${MT_TARGET[i]} resolves to $path, which is not below $ROOT"
+    ((rc != 3)) || fail "$MISMATCH; unmount it first (teardown.sh unmounts everything below $ROOT)"
     if ((rc == 0)); then
         N_OLD=$((N_OLD + 1))
         DONE_PATHS+=("$path")
-        if [[ $role == cgroup-root ]]; then
-            CG_MODE[$i]=v1
-            [[ $TOP_FSTYPE != cgroup2 ]] || CG_MODE[$i]=v2
+        [[ $type != qtfs ]] || QTFS_AT[$path]=1
+        if [[ $role == cgroup-root && -z ${CG_MODE[$i]:-} ]]; then
+            CG_MODE[$i]=${CG_DECIDED[$i]:-v1}
+            [[ ${MI_FSTYPE[MOUNT_MI]} != cgroup2 ]] || CG_MODE[$i]=v2
         fi
         [[ $role != cgroup-v1* || $cgroot -lt 0 ]] || CG_OK[$cgroot]=$((${CG_OK[$cgroot]:-0} + 1))
         [[ $DRY_RUN == 0 ]] || say "$STEP: already mounted"
         return 0
     fi
     if [[ $role == cgroup-root ]]; then
-        CG_MODE[$i]=v1
-        if ! have_fs cgroup; then
-            CG_MODE[$i]=v2
+        if [[ -n ${CG_DECIDED[$i]:-} ]]; then
+            CG_MODE[$i]=${CG_DECIDED[$i]}
+        elif ! have_fs cgroup; then
             say "$STEP: the kernel has no cgroup v1: mounting cgroup2 on ${MT_TARGET[i]} instead"
-            type=cgroup2 src=cgroup2 opts=""
+            decide_cgroup "$i" v2
+        else
+            CG_MODE[$i]=v1
         fi
+        if [[ ${CG_MODE[$i]} == v2 ]]; then type=cgroup2 src=cgroup2 opts=""; fi
     fi
-    if [[ $type == bind && -f $src ]]; then
-        [[ -e $path ]] || run touch -- "$path" || fail "cannot create $path"
-    else
-        ensure_dir "$path"
-    fi
+    if [[ $type == bind && -f $src ]]; then make_file "$path"; else make_dir "$path"; fi
     if ! do_mount "$i" "$type" "$src" "$path" "$opts"; then
-        if [[ $role == cgroup-v1* ]]; then
-            skip_entry "$i" "cannot mount it here ($(one_line "$MOUNT_ERROR"))"
+        if [[ $role == cgroup-v1* && $cgroot -ge 0 ]]; then
+            cgroup_v2_instead "$cgroot" "$i" \
+                "${MT_TARGET[i]} cannot be mounted ($(one_line "$MOUNT_ERROR")), so cgroup v1 would be partial"
             return 0
         fi
         fail "$MOUNT_ERROR"
@@ -352,35 +527,80 @@ mount_entry() {
     [[ $role != cgroup-v1* || $cgroot -lt 0 ]] || CG_OK[$cgroot]=$((${CG_OK[$cgroot]:-0} + 1))
 }
 
-# After the last controller of a cgroup tmpfs: if no v1 controller could be
-# mounted, the kernel effectively has no cgroup v1: put cgroup2 there instead.
-cgroup_fallback() {
-    local root=$1 k path=""
-    [[ ${CG_MODE[$root]:-} == v1 && ${CG_OK[$root]:-0} == 0 ]] || return 0
-    for k in "${!MOUNTED_NOW_IDX[@]}"; do
-        [[ ${MOUNTED_NOW_IDX[k]} != "$root" ]] || path=${MOUNTED_NOW_PATH[k]}
-    done
-    # or mounted by an earlier, interrupted run of this table
-    [[ -n $path ]] || path=${REC_BY_IDX[$root]:-}
-    if [[ -z $path ]]; then
-        warn "no cgroup v1 controller could be mounted on ${MT_TARGET[root]}, which prepare.sh did not mount"
+# After the last controller of a cgroup tmpfs: v1 when some controller is
+# mounted (and none failed: see cgroup_v2_instead), else cgroup2.
+cgroup_finish() {
+    local root=$1
+    [[ ${CG_MODE[$root]:-} == v1 ]] || return 0
+    if ((${CG_OK[$root]:-0} > 0)); then
+        [[ -n ${CG_DECIDED[$root]:-} ]] || decide_cgroup "$root" v1
         return 0
     fi
+    cgroup_v2_instead "$root" "" "no cgroup v1 controller could be mounted"
+}
+
+# cgroup_v2_instead ROOT_IDX FAILED_IDX REASON: replace the cgroup v1 layout
+# of that tmpfs (its controllers, then the tmpfs) by cgroup2; the rest of its
+# controllers are skipped.  The decision is recorded first, so that a run
+# killed half-way never goes back to v1.
+cgroup_v2_instead() {
+    local root=$1 failed=$2 why=$3 j k t p path
+    local -A rec=()
     STEP="step $((root + 1))/${#MT_TYPE[@]} (cgroup2 on ${MT_TARGET[root]})"
-    say "no cgroup v1 controller could be mounted: mounting cgroup2 on ${MT_TARGET[root]} instead"
-    [[ $DRY_RUN == 1 ]] && return 0
-    umount -- "$path" || fail "cannot unmount the cgroup tmpfs $path"
-    record_drop "$root"
-    for k in "${!MOUNTED_NOW_IDX[@]}"; do
-        [[ ${MOUNTED_NOW_IDX[k]} != "$root" ]] || unset 'MOUNTED_NOW_IDX[k]' 'MOUNTED_NOW_PATH[k]'
+    say "$why: mounting cgroup2 on ${MT_TARGET[root]} instead"
+    [[ -z $failed ]] || skip_entry "$failed" "cgroup v2 is mounted instead"
+    if [[ $DRY_RUN == 1 ]]; then CG_MODE[$root]=v2; return 0; fi
+    decide_cgroup "$root" v2
+    # what is mounted of this root now (this run's mounts or an earlier run's)
+    while IFS=$'\t' read -r t p; do
+        [[ $t =~ ^[0-9]+$ ]] && rec[$t]=$p
+    done <"$STATE_MOUNTS"
+    for ((j = ${#MT_TYPE[@]} - 1; j > root; j--)); do
+        [[ ${MT_CGROOT[j]} == "$root" && ${MT_ROLE[j]} == cgroup-v1* ]] || continue
+        p=${rec[$j]:-}
+        if [[ -z $p ]]; then
+            [[ -n ${SKIP_NOW[$j]:-} || $j -gt ${failed:-$j} ]] || skip_entry "$j" "cgroup v2 is mounted instead"
+            continue
+        fi
+        umount -- "$p" || fail "cannot unmount $p"
+        record_drop "$j" "$p"
+        uncount "$j"
+        [[ -n ${SKIP_NOW[$j]:-} ]] || skip_entry "$j" "cgroup v2 is mounted instead"
+        for k in "${!DONE_PATHS[@]}"; do
+            if [[ ${DONE_PATHS[k]} == "$p" ]]; then unset 'DONE_PATHS[k]'; break; fi
+        done
     done
-    MOUNTED_NOW_IDX=("${MOUNTED_NOW_IDX[@]}") MOUNTED_NOW_PATH=("${MOUNTED_NOW_PATH[@]}")
-    CG_MODE[$root]=v2
+    DONE_PATHS=("${DONE_PATHS[@]}")
+    [[ -z ${rec[$root]:-} ]] || uncount "$root"
+    for k in "${!NOW_TAG[@]}"; do
+        t=${NOW_TAG[k]}
+        [[ $t =~ ^[0-9]+$ ]] || continue
+        if [[ $t == "$root" || ${MT_CGROOT[t]} == "$root" ]]; then unset 'NOW_TAG[k]' 'NOW_PATH[k]'; fi
+    done
+    NOW_TAG=("${NOW_TAG[@]}") NOW_PATH=("${NOW_PATH[@]}")
+    CG_OK[$root]=0
+    path=${rec[$root]:-}
+    if [[ -z $path ]]; then
+        warn "cgroup2 belongs on ${MT_TARGET[root]}, which prepare.sh did not mount: left as it is"
+        return 0
+    fi
+    umount -- "$path" || fail "cannot unmount the cgroup tmpfs $path"
+    record_drop "$root" "$path"
     do_mount "$root" cgroup2 cgroup2 "$path" "" || fail "$MOUNT_ERROR"
+    N_NEW=$((N_NEW + 1))
+}
+
+# uncount IDX: entry IDX was counted as mounted (now or before) and is unmounted again
+uncount() {
+    local t
+    for t in "${NOW_TAG[@]}"; do
+        if [[ $t == "$1" ]]; then N_NEW=$((N_NEW - 1)); return 0; fi
+    done
+    N_OLD=$((N_OLD - 1))
 }
 
 main() {
-    local i n mode
+    local i n idx
     parse_args "dry-run rehearse" "$@"
     load_config "$CONFIG"
     # with an image, the rootfs directory is only its mount point: made if missing
@@ -394,21 +614,26 @@ main() {
     setup_image
     setup_rehearse
     state_init
+    if [[ -n $REHEARSE ]] && real_state_in_use; then
+        die "$ROOT is prepared for real (state in $REAL_STATE_DIR): a rehearsal would disturb that deployment; run teardown.sh first, or rehearse on a copy of the rootfs"
+    fi
+    cd /
     trap on_exit EXIT
     trap 'STEP="$STEP (interrupted)"; exit 130' INT TERM HUP
     if [[ $DRY_RUN == 0 ]]; then
-        take_lock
         [[ -z $REHEARSE ]] || mkdir -p -- "$HOSTDIR"
+        take_lock
     fi
     read_state
+    for idx in "${!REC_BY_IDX[@]}"; do
+        [[ ${MT_TYPE[idx]} != qtfs ]] || QTFS_AT[${REC_BY_IDX[$idx]}]=1
+    done
     if [[ $DRY_RUN == 0 ]]; then
         # records of another table (a rebuilt image) only serve teardown
         [[ -z $STATE_TABLE || $STATE_TABLE == "$TABLE_ID" || ${#REC_IDX[@]} == 0 ]] ||
             die "$ROOT is still mounted from a different build of $IMAGE_NAME: run teardown.sh first"
-        mode=real
-        [[ -z $REHEARSE ]] || mode=rehearse
-        printf 'table=%s\nmode=%s\nroot=%s\n' "$TABLE_ID" "$mode" "$ROOT" >"$STATE_INFO"
-        [[ -z $IMAGE ]] || printf 'image=%s\n' "$IMAGE" >>"$STATE_INFO"
+        [[ $STATE_TABLE == "$TABLE_ID" ]] || rm -f -- "$STATE_SKIPPED"
+        write_info
         touch -- "$STATE_MOUNTS"
     fi
     check_image
@@ -419,7 +644,7 @@ main() {
     n=${#MT_TYPE[@]}
     for ((i = 0; i < n; i++)); do
         mount_entry "$i"
-        [[ ${MT_ROLE[i]} != cgroup-v1-last ]] || cgroup_fallback "${MT_CGROOT[i]}"
+        [[ ${MT_ROLE[i]} != cgroup-v1-last ]] || cgroup_finish "${MT_CGROOT[i]}"
     done
     STEP="finishing"
     if [[ $DRY_RUN == 0 ]]; then
@@ -428,6 +653,9 @@ main() {
         mv -f -- "$STATE_SKIPPED.tmp.$$" "$STATE_SKIPPED"
     fi
     FINISHED=1
+    outside_daemons
+    ((${#OUTSIDE[@]} == 0)) ||
+        warn "libvirt daemons run outside $ROOT: ${OUTSIDE[*]}; start-libvirtd.sh will refuse to start next to them"
     say "$ROOT ready: $N_NEW mounted now, $N_OLD already mounted, $N_SKIP skipped"
 }
 

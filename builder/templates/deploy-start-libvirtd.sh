@@ -9,16 +9,19 @@ set -euo pipefail
 
 usage() {
     cat <<EOF
-Usage: $PROG [--root DIR] [--config FILE] [--dry-run]
+Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--rehearse HOSTDIR]
 
 Start virtlogd and libvirtd chrooted into the rootfs of image $IMAGE_NAME,
-once prepare.sh has mounted everything (checked first).  Daemons already
-running from the rootfs are left alone.  They get CMD_NET_ADDR pointing at the
-host's rexec_server (HOST_IP, REXEC_PORT), which rexec needs when libvirt runs
-kill/taskset through it.  A daemon counts as running when a process of its
-name, or the one its pid file (/var/run/NAME.pid in the rootfs) names, runs
-from the rootfs.  Stale daemon pid files are removed; the per-domain pid files
-are kept (libvirtd uses them to find running VMs again).
+once prepare.sh has mounted everything right (checked first).  Daemons
+already running from the rootfs are left alone; a libvirt daemon running
+outside the rootfs (the DPU's own) is refused: they would share the DPU's
+/var/run.  The daemons get CMD_NET_ADDR pointing at the host's rexec_server
+(HOST_IP, REXEC_PORT) and, with REXEC_TLS=1, USE_TLS=1, which rexec needs when
+libvirt runs kill/taskset through it.  A daemon counts as running when a
+process of its name, or the one its pid file (/var/run/NAME.pid in the
+rootfs) names, runs from the rootfs.  Stale daemon pid files are removed; the
+per-domain pid files are kept (libvirtd uses them to find running VMs again).
+--rehearse HOSTDIR: after prepare.sh --rehearse HOSTDIR.
 EOF
 }
 
@@ -46,8 +49,7 @@ clear_stale_pidfile() {
     pid=$(head -c 32 -- "$f" 2>/dev/null | tr -dc '0-9') || pid=""
     if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
         pid_comm "$pid"
-        warn "$f names $pid (${REPLY:-?}), which runs outside $ROOT: left alone"
-        return 0
+        die "$f names $pid (${REPLY:-?}), which runs outside $ROOT: stop it first"
     fi
     run rm -f -- "$f"
 }
@@ -67,26 +69,36 @@ daemon_pid() {
 
 main() {
     local d path addr t
-    parse_args "dry-run" "$@"
+    parse_args "dry-run rehearse" "$@"
     load_config "$CONFIG"
     setup_root
     setup_image
+    setup_rehearse
     need_root
     state_init
     read_state
-    local i rc down=""
+    local i rc down="" wrong=""
+    local -a env=()
     DONE_PATHS=()
+    for i in "${!CG_DECIDED[@]}"; do CG_MODE[$i]=${CG_DECIDED[$i]}; done
     read_mountinfo
     if [[ -n $IMAGE ]] && ! image_at_root "$IMAGE"; then down+=" $ROOT (the rootfs image)"; fi
     for i in "${!MT_TYPE[@]}"; do
         rc=0
         entry_mounted "$i" || rc=$?
         if ((rc == 0)); then DONE_PATHS+=("$PATH_OF"); continue; fi
+        if ((rc == 3)); then wrong+="; $MISMATCH"; continue; fi
         [[ -n ${SKIPPED_BY_IDX[$i]:-} ]] || down+=" ${MT_TARGET[i]}"
     done
+    [[ -z $wrong ]] || die "the rootfs is not prepared right${wrong}: run teardown.sh, then prepare.sh"
     [[ -z $down ]] || die "the rootfs is not prepared (not mounted:$down): run prepare.sh first"
+    outside_daemons
+    ((${#OUTSIDE[@]} == 0)) ||
+        die "libvirt daemons run outside $ROOT: ${OUTSIDE[*]}; they would share the DPU's /var/run with these: stop them first (prepare.sh stops and masks the DPU's own units)"
     addr=$CFG_HOST_IP
     [[ $addr != *:* ]] || addr="[$addr]"
+    env=(PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C "CMD_NET_ADDR=tcp://$addr:$CFG_REXEC_PORT")
+    [[ $CFG_REXEC_TLS != 1 ]] || env+=(USE_TLS=1)
     for d in virtlogd libvirtd; do
         if daemon_pid "$d"; then
             say "$d already runs from $ROOT (pid $REPLY)"
@@ -95,8 +107,7 @@ main() {
         find_daemon "$d" || die "no $d in $ROOT (looked in /usr/sbin /usr/bin /sbin /bin)"
         path=$REPLY
         clear_stale_pidfile "$d"
-        run env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C \
-            "CMD_NET_ADDR=tcp://$addr:$CFG_REXEC_PORT" chroot -- "$ROOT" "$path" -d ||
+        run env -i "${env[@]}" chroot -- "$ROOT" "$path" -d ||
             die "$d -d failed in $ROOT"
         [[ $DRY_RUN == 0 ]] || continue
         for ((t = 0; t < 50; t++)); do

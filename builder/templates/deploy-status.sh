@@ -8,21 +8,27 @@ set -euo pipefail
 
 usage() {
     cat <<EOF
-Usage: $PROG [--root DIR] [--config FILE] [--quiet]
+Usage: $PROG [--root DIR] [--config FILE] [--rehearse HOSTDIR] [--quiet]
 
 Show, for image $IMAGE_NAME, whether the rootfs image (ROOTFS_IMAGE) is
 mounted on the rootfs, which entries of the mount table are mounted below the
-rootfs, mounts below it that are not in the table, whether qtfs is loaded and
-which libvirt daemons run from the rootfs.
-Exit status: 0 all mounted, 1 partly mounted, 3 nothing mounted (clean).
+rootfs ("wrong" when something else is mounted where an entry belongs),
+mounts below it that are not in the table, whether qtfs is loaded, which
+libvirt daemons run from the rootfs and where on the host this DPU expects
+rexec_server, the qtfs server and QMP.  --rehearse HOSTDIR: the state of a
+rehearsal (prepare.sh --rehearse HOSTDIR).
+Exit status: 0 all mounted, 1 partly mounted or something wrong, 3 nothing
+mounted (clean).
 EOF
 }
 
-# table_state: ENTRY_STATE[i] = up|down|skipped, ENTRY_PATH[i]; counts in N_UP N_DOWN N_SKIPPED
+# table_state: ENTRY_STATE[i] = up|down|skipped|wrong, ENTRY_PATH[i],
+# ENTRY_WHY[i]; counts in N_UP N_DOWN N_SKIPPED N_WRONG
 table_state() {
     local i n=${#MT_TYPE[@]} rc
-    ENTRY_STATE=() ENTRY_PATH=()
-    N_UP=0 N_DOWN=0 N_SKIPPED=0
+    ENTRY_STATE=() ENTRY_PATH=() ENTRY_WHY=()
+    N_UP=0 N_DOWN=0 N_SKIPPED=0 N_WRONG=0
+    for i in "${!CG_DECIDED[@]}"; do CG_MODE[$i]=${CG_DECIDED[$i]}; done
     DONE_PATHS=()
     read_mountinfo
     IMAGE_STATE=""
@@ -36,9 +42,12 @@ table_state() {
     for ((i = 0; i < n; i++)); do
         rc=0
         entry_mounted "$i" || rc=$?
-        ENTRY_PATH[i]=${PATH_OF:-?}
+        ENTRY_PATH[i]=${PATH_OF:-?} ENTRY_WHY[i]=""
         if ((rc == 0)); then
             ENTRY_STATE[i]=up N_UP=$((N_UP + 1))
+            DONE_PATHS+=("$PATH_OF")
+        elif ((rc == 3)); then
+            ENTRY_STATE[i]=wrong N_WRONG=$((N_WRONG + 1)) ENTRY_WHY[i]=$MISMATCH
             DONE_PATHS+=("$PATH_OF")
         elif [[ -n ${SKIPPED_BY_IDX[$i]:-} ]]; then
             ENTRY_STATE[i]=skipped N_SKIPPED=$((N_SKIPPED + 1))
@@ -49,17 +58,18 @@ table_state() {
 }
 
 main() {
-    local i quiet=0 kind
+    local i quiet=0 kind addr tls qaddr
     local -a args=() daemons=()
     local -A known=()
     for i in "$@"; do
         if [[ $i == --quiet || $i == -q ]]; then quiet=1; else args+=("$i"); fi
     done
-    parse_args "" "${args[@]}"
+    parse_args "rehearse" "${args[@]}"
     load_config "$CONFIG"
     [[ -z $CFG_ROOTFS_IMAGE ]] || ROOT_MISSING_OK=1
     setup_root
     setup_image
+    setup_rehearse
     state_init
     read_state
     table_state
@@ -74,8 +84,8 @@ main() {
         fi
         for i in "${!MT_TYPE[@]}"; do
             known[${ENTRY_PATH[i]}]=1
-            printf '  %-7s %s -> %s%s\n' "${ENTRY_STATE[i]}" "$(describe "$i")" "${ENTRY_PATH[i]}" \
-                "${SKIPPED_BY_IDX[$i]:+ (${SKIPPED_BY_IDX[$i]})}"
+            printf '  %-7s %s -> %s%s%s\n' "${ENTRY_STATE[i]}" "$(describe "$i")" "${ENTRY_PATH[i]}" \
+                "${SKIPPED_BY_IDX[$i]:+ (${SKIPPED_BY_IDX[$i]})}" "${ENTRY_WHY[i]:+ ($(one_line "${ENTRY_WHY[i]}"))}"
         done
         for i in "${!MI_PATH[@]}"; do
             if under_root "${MI_PATH[i]}" && [[ -z ${known[${MI_PATH[i]}]:-} ]]; then
@@ -86,10 +96,21 @@ main() {
         rootfs_daemons
         for i in "${!DAEMON_PIDS[@]}"; do daemons+=("${DAEMON_NAMES[i]}[${DAEMON_PIDS[i]}]"); done
         printf 'daemons: %s\n' "${daemons[*]:-none}"
-        printf 'mounts: %s up, %s down, %s skipped\n' "$N_UP" "$N_DOWN" "$N_SKIPPED"
+        for i in "${!CG_DECIDED[@]}"; do
+            printf 'cgroup on %s: %s (decided by prepare.sh)\n' "${MT_TARGET[i]}" "${CG_DECIDED[$i]}"
+        done
+        addr=$CFG_HOST_IP
+        [[ $addr != *:* ]] || addr="[$addr]"
+        tls=off
+        [[ $CFG_REXEC_TLS != 1 ]] || tls=on
+        qaddr=$CFG_QTFS_SERVER_IP
+        [[ $qaddr != *:* ]] || qaddr="[$qaddr]"
+        printf 'host: rexec_server tcp://%s:%s (TLS %s), qtfs server %s:%s, QMP %s:%s, consoles %s:%s\n' \
+            "$addr" "$CFG_REXEC_PORT" "$tls" "$qaddr" "$QTFS_PORT" "$addr" "$CFG_QMP_PORT" "$addr" "$CONSOLE_PORTS"
+        printf 'mounts: %s up, %s down, %s skipped, %s wrong\n' "$N_UP" "$N_DOWN" "$N_SKIPPED" "$N_WRONG"
     fi
-    if ((N_DOWN == 0)); then exit 0; fi
-    if ((N_UP == 0)); then exit 3; fi
+    if ((N_DOWN == 0 && N_WRONG == 0)); then exit 0; fi
+    if ((N_UP == 0 && N_WRONG == 0)); then exit 3; fi
     exit 1
 }
 

@@ -8,19 +8,29 @@ set -euo pipefail
 
 usage() {
     cat <<EOF
-Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--rehearse HOSTDIR]
+Usage: $PROG [--root DIR] [--config FILE] [--dry-run] [--force] [--rehearse HOSTDIR]
 
-Return this DPU to a clean state after prepare.sh for image $IMAGE_NAME:
-stop virtlogd/libvirtd running from the rootfs, unmount what prepare.sh
-recorded in exact reverse order, then anything still mounted below the
-rootfs (deepest first), then the rootfs image (ROOTFS_IMAGE) mounted on the
-rootfs itself, and only then unload qtfs.  Mounts outside the rootfs are never
+Return this DPU to a clean state after prepare.sh for image $IMAGE_NAME.
+First the checks, before anything is stopped: VMs still running from the
+rootfs (a domain pid file in its /var/run/libvirt/qemu, or qemu-kvm running
+through rexec) are refused unless --force; any other process that holds a
+file, directory or mapping below the rootfs (chrooted or not) is named and
+refused.  Then: stop virtlogd/libvirtd running from the rootfs, unmount what
+prepare.sh recorded in exact reverse order (removing the directories and files
+it created outside the rootfs's own filesystem on the way), then anything
+still mounted below the rootfs (deepest first), then the rootfs image
+(ROOTFS_IMAGE) mounted on the rootfs itself, unmask the DPU's own libvirt
+units, and only then unload qtfs.  Mounts outside the rootfs are never
 touched.  Succeeds on an already clean system.
 
   --root DIR          the rootfs (default: ROOTFS in the config)
   --config FILE       settings (default: offload.conf next to this script)
   --dry-run           print what would be done, change nothing
-  --rehearse HOSTDIR  undo a rehearsal (prepare.sh --rehearse): never rmmod
+  --force             tear down although VMs still run: their processes on
+                      this DPU are stopped with the daemons, and rexec_server
+                      then ends their qemu on the host
+  --rehearse HOSTDIR  undo a rehearsal (prepare.sh --rehearse HOSTDIR): never
+                      rmmod or systemctl; refused on a rootfs prepared for real
 EOF
 }
 
@@ -41,21 +51,111 @@ alive() {
     ((${#ALIVE[@]} > 0))
 }
 
+# find_vms: VMS = VMs running from the rootfs as name[pid], VM_PIDS their
+# processes on this DPU: a live pid in a domain pid file of libvirt, or
+# qemu-kvm running through rexec (the shim execs rexec) inside the rootfs
+find_vms() {
+    local f pid name
+    local -A seen=()
+    VMS=() VM_PIDS=()
+    if resolve_in_root "$ROOT" /var/run/libvirt/qemu && [[ -d $REPLY ]]; then
+        for f in "$REPLY"/*.pid; do
+            [[ -f $f ]] || continue
+            pid=$(head -c 32 -- "$f" 2>/dev/null | tr -dc '0-9') || pid=""
+            if [[ -z $pid ]] || ! alive "$pid"; then continue; fi
+            name=${f##*/}
+            VMS+=("${name%.pid}[$pid]") VM_PIDS+=("$pid")
+            seen[$pid]=1
+        done
+    fi
+    rootfs_pids
+    for pid in "${ROOT_PIDS[@]}"; do
+        [[ -z ${seen[$pid]:-} ]] || continue
+        pid_comm "$pid"
+        case $REPLY in
+        rexec | qemu-kvm | qemu-system-*) VMS+=("${REPLY}[$pid]") VM_PIDS+=("$pid") ;;
+        esac
+    done
+    return 0
+}
+
+# find_holders PID...: HOLDERS = the processes (other than the given ones and
+# this script) whose root, cwd, executable, an open file or a mapping lies
+# below the rootfs, as "pid(name): what", one entry per process.  Such a
+# process keeps a mount busy; every one is found, chrooted or not.
+find_holders() {
+    local link pid what
+    local -A skip=() why=()
+    local -a order=()
+    HOLDERS=()
+    for pid in "$@" "$$" "$BASHPID"; do skip[$pid]=1; done
+    while IFS= read -r -d '' link; do
+        pid=${link#/proc/}
+        pid=${pid%%/*}
+        [[ -z ${skip[$pid]:-} ]] || continue
+        what=${link#/proc/"$pid"/}
+        case $what in
+        fd/*) what="open $(readlink -- "$link" 2>/dev/null)" ;;
+        root) what="chrooted" ;;
+        *) what="$what $(readlink -- "$link" 2>/dev/null)" ;;
+        esac
+        [[ -n ${why[$pid]:-} ]] || order+=("$pid")
+        [[ ${why[$pid]:-} == *"$what"* ]] || why[$pid]+=${why[$pid]:+, }$what
+    done < <(find /proc/[0-9]*/root /proc/[0-9]*/cwd /proc/[0-9]*/exe /proc/[0-9]*/fd/ -maxdepth 1 \
+        \( -lname "$ROOT" -o -lname "$ROOT/*" \) -print0 2>/dev/null)
+    while IFS= read -r link; do
+        pid=${link#/proc/}
+        pid=${pid%%/*}
+        [[ -z ${skip[$pid]:-} && -z ${why[$pid]:-} ]] || continue
+        order+=("$pid")
+        why[$pid]="maps files below $ROOT"
+    done < <(grep -l -F -- "$ROOT/" /proc/[0-9]*/maps 2>/dev/null)
+    for pid in "${order[@]}"; do
+        pid_comm "$pid"
+        HOLDERS+=("$pid(${REPLY:-?}): ${why[$pid]}")
+    done
+    return 0
+}
+
+# check_busy: refuse, before anything is stopped, while VMs run (unless
+# --force) or other processes hold files below the rootfs
+check_busy() {
+    local -a spare=()
+    find_vms
+    if ((${#VMS[@]} > 0)) && [[ $FORCE == 0 ]]; then
+        printf '%s: error: VMs still run from %s: %s; shut them down first (virsh shutdown), or use --force; nothing was changed\n' \
+            "$PROG" "$ROOT" "${VMS[*]}" >&2
+        exit 1
+    fi
+    rootfs_daemons
+    spare=("${DAEMON_PIDS[@]}")
+    [[ $FORCE == 0 ]] || spare+=("${VM_PIDS[@]}")
+    find_holders "${spare[@]}"
+    if ((${#HOLDERS[@]} > 0)); then
+        printf '%s: error: busy: processes hold files below %s: %s; stop them first; nothing was changed\n' \
+            "$PROG" "$ROOT" "$(IFS=';'; printf '%s' "${HOLDERS[*]}")" >&2
+        exit 1
+    fi
+}
+
 stop_daemons() {
     local t
-    local -a daemons=()
+    local -a victims=()
     rootfs_daemons
-    daemons=("${DAEMON_PIDS[@]}")
-    ((${#OTHER_PIDS[@]} == 0)) || warn "other processes run inside $ROOT (left alone): ${OTHER_PIDS[*]}"
-    ((${#daemons[@]} > 0)) || return 0
+    victims=("${DAEMON_PIDS[@]}")
+    [[ $FORCE == 0 ]] || victims+=("${VM_PIDS[@]}")
+    ((${#victims[@]} > 0)) || return 0
     if [[ $DRY_RUN == 1 ]]; then
-        say "would stop libvirt daemons running from $ROOT: ${daemons[*]}"
+        say "would stop processes running from $ROOT: ${victims[*]}"
         return 0
     fi
-    say "stopping libvirt daemons running from $ROOT: ${daemons[*]}"
-    kill -TERM "${daemons[@]}" 2>/dev/null || true
+    if ((${#VM_PIDS[@]} > 0)) && [[ $FORCE == 1 ]]; then
+        warn "--force: stopping the VMs' processes too: ${VMS[*]}"
+    fi
+    say "stopping libvirt daemons running from $ROOT: ${victims[*]}"
+    kill -TERM "${victims[@]}" 2>/dev/null || true
     for ((t = 0; t < STOP_WAIT * 5; t++)); do
-        alive "${daemons[@]}" || return 0
+        alive "${victims[@]}" || return 0
         sleep 0.2
     done
     warn "still running after ${STOP_WAIT}s, killing: ${ALIVE[*]}"
@@ -87,10 +187,39 @@ do_umount() {
     N_UMOUNT=$((N_UMOUNT + 1))
 }
 
+# remove_created KIND PATH: a directory (if empty) or file prepare created
+remove_created() {
+    local kind=$1 p=$2
+    if [[ $DRY_RUN == 1 ]]; then
+        [[ ! -e $p ]] || say "would remove $p (created by prepare.sh)"
+        return 0
+    fi
+    case $kind in
+    dir)
+        [[ -d $p && ! -L $p ]] || return 0
+        read_mountinfo
+        mounts_at "$p"
+        if ((REPLY > 0)); then
+            warn "$p (created by prepare.sh) is still a mount point: left"
+            return 0
+        fi
+        rmdir -- "$p" 2>/dev/null || warn "$p (created by prepare.sh) is not empty: left" ;;
+    file)
+        if [[ -f $p && ! -L $p ]]; then rm -f -- "$p"; fi ;;
+    esac
+}
+
+# unmount_recorded: prepare's records in exact reverse: its mounts, and the
+# directories and files it created outside the rootfs's own filesystem (each
+# removed while the mount it was made on is still there)
 unmount_recorded() {
-    local k p
-    for ((k = ${#REC_PATH[@]} - 1; k >= 0; k--)); do
-        p=${REC_PATH[k]}
+    local k p t
+    for ((k = ${#REC_TAG[@]} - 1; k >= 0; k--)); do
+        p=${REC_PATH[k]} t=${REC_TAG[k]}
+        case $t in
+        image) continue ;;
+        dir | file) remove_created "$t" "$p"; continue ;;
+        esac
         if ! under_root "$p"; then
             warn "recorded mount $p is not below $ROOT: left alone"
             continue
@@ -132,7 +261,7 @@ below_root_order() {
 unmount_remaining() {
     local pass before j stuck=0
     local -A recorded=()
-    for j in "${REC_PATH[@]}"; do recorded[$j]=1; done
+    for j in "${REC_MPATH[@]}"; do recorded[$j]=1; done
     for ((pass = 0; pass < 200; pass++)); do
         read_mountinfo
         below_root_order
@@ -158,9 +287,9 @@ unmount_remaining() {
     read_mountinfo
     local -a left=()
     for j in "${!MI_PATH[@]}"; do under_root "${MI_PATH[j]}" && left+=("${MI_PATH[j]}"); done
-    rootfs_pids
+    find_holders
     printf '%s: error: still mounted below %s: %s (%s)%s\n' "$PROG" "$ROOT" "${left[*]}" \
-        "${LAST_ERROR:-busy}" "${ROOT_PIDS[*]:+; processes inside the rootfs: ${ROOT_PIDS[*]}}" >&2
+        "${LAST_ERROR:-busy}" "${HOLDERS[*]:+; held by: $(IFS=';'; printf '%s' "${HOLDERS[*]}")}" >&2
     exit 1
 }
 
@@ -184,9 +313,9 @@ unmount_image() {
         fi
         loops+=("$ROOT_TOP_SRC")
         if ! out=$(umount -- "$ROOT" 2>&1); then
-            rootfs_pids
+            find_holders
             printf '%s: error: cannot unmount the rootfs image from %s: %s%s\n' "$PROG" "$ROOT" \
-                "$(one_line "$out")" "${ROOT_PIDS[*]:+; processes inside the rootfs: ${ROOT_PIDS[*]}}" >&2
+                "$(one_line "$out")" "${HOLDERS[*]:+; held by: $(IFS=';'; printf '%s' "${HOLDERS[*]}")}" >&2
             exit 1
         fi
         N_UMOUNT=$((N_UMOUNT + 1))
@@ -201,9 +330,25 @@ unmount_image() {
     done
 }
 
+# unmask_units: the DPU's own libvirt units prepare.sh masked until reboot
+unmask_units() {
+    local u
+    local -A seen=()
+    local -a units=()
+    [[ -z $REHEARSE && -f $STATE_MASKED ]] || return 0
+    while IFS= read -r u; do
+        [[ $u =~ ^[A-Za-z0-9@._-]+$ && -z ${seen[$u]:-} ]] || continue
+        seen[$u]=1
+        units+=("$u")
+    done <"$STATE_MASKED"
+    ((${#units[@]} > 0)) || return 0
+    command -v systemctl >/dev/null 2>&1 || { warn "no systemctl: ${units[*]} stay masked until reboot"; return 0; }
+    run systemctl unmask --runtime -- "${units[@]}" || warn "could not unmask ${units[*]} (they stay masked until reboot)"
+}
+
 unload_qtfs() {
     local i
-    if [[ -n $REHEARSE || $STATE_MODE == rehearse ]]; then return 0; fi
+    [[ -z $REHEARSE ]] || return 0
     [[ -d /sys/module/qtfs ]] || return 0
     read_mountinfo
     for i in "${!MI_FSTYPE[@]}"; do
@@ -217,7 +362,7 @@ unload_qtfs() {
 
 main() {
     N_UMOUNT=0 LAST_ERROR=""
-    parse_args "dry-run rehearse" "$@"
+    parse_args "dry-run rehearse force" "$@"
     load_config "$CONFIG"
     ROOT_MISSING_OK=1
     setup_root
@@ -225,16 +370,26 @@ main() {
     setup_rehearse
     need_root
     state_init
+    if [[ -n $REHEARSE ]] && real_state_in_use; then
+        die "$ROOT is prepared for real (state in $REAL_STATE_DIR): run teardown.sh without --rehearse"
+    fi
+    cd /
     [[ $DRY_RUN == 1 || ! -d $ROOT ]] || take_lock
     read_state
     if [[ -d $ROOT ]]; then
+        check_busy
         stop_daemons
         unmount_recorded
         unmount_remaining
         unmount_image
+    else
+        unmount_recorded # only what prepare created outside the rootfs is left
     fi
+    unmask_units
     unload_qtfs
-    if [[ $DRY_RUN == 0 ]]; then rm -f -- "$STATE_MOUNTS" "$STATE_SKIPPED" "$STATE_INFO"; fi
+    if [[ $DRY_RUN == 0 ]]; then
+        rm -f -- "$STATE_MOUNTS" "$STATE_SKIPPED" "$STATE_INFO" "$STATE_MASKED"
+    fi
     if [[ $DRY_RUN == 1 ]]; then
         say "dry run: nothing changed"
     else
