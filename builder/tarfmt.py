@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import UserError
-from .fileio import ShortRead, copy_exactly, read_exactly
+from .fileio import ShortRead, copy_exactly
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)
+_ZERO_BLOCK = bytes(BLOCK)
+# How much a reader asks its stream for at a time.
+READ_CHUNK = 1 << 20
 
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 TYPES = {REG, LNK, SYM, CHR, BLK, DIR, FIFO}
@@ -42,7 +47,8 @@ TYPE_NAMES = {REG: "file", LNK: "hardlink", SYM: "symlink", CHR: "char", BLK: "b
 # least SPARSE_MIN bytes are scanned.
 HOLE_GRAIN = 64 * 1024
 SPARSE_MIN = 2 * HOLE_GRAIN
-_ZERO_GRAIN = bytes(HOLE_GRAIN)
+ZERO_GRAIN = bytes(HOLE_GRAIN)
+_ZERO_GRAIN = ZERO_GRAIN
 
 _PAX_NAME = b"././@PaxHeader"
 _LINK_PLACEHOLDER = b"././@LongLink"
@@ -93,6 +99,12 @@ class TarFormatError(UserError):
 
 def normalize_name(raw: bytes, *, what: str = "tar member") -> bytes:
     """Strip ``./``, ``/`` and trailing slashes; refuse ``..`` components."""
+    name = raw[2:] if raw.startswith(b"./") else raw
+    if name.endswith(b"/"):
+        name = name[:-1]
+    if not (name.startswith((b"/", b".")) or b"/." in name or b"//" in name
+            or name.endswith(b"/")):
+        return name  # the usual form: no empty, "." or ".." component left
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise TarFormatError(
@@ -123,23 +135,28 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return b"%d" % n + payload
 
 
+# name, mode, uid, gid, size, mtime, checksum, typeflag, linkname, magic+version,
+# uname, gname, devmajor, devminor, prefix and the 12 bytes of padding: 512
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12s")
+
+
+def block_sum(block: bytes | memoryview) -> int:
+    """The sum of a 512-byte block's bytes (the tar checksum arithmetic).
+
+    adler32's low half is 1 + the byte sum modulo 65521; a 256-byte half
+    sums to at most 65280, so each half's sum is exact, and zlib does the
+    adding in C."""
+    view = memoryview(block)
+    return (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
+
+
 def _ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
                  typeflag: bytes, linkname: bytes, devmajor: int, devminor: int) -> bytes:
-    buf = bytearray(BLOCK)
-    buf[0:len(name)] = name
-    buf[100:108] = _octal(mode, 8)
-    buf[108:116] = _octal(uid, 8)
-    buf[116:124] = _octal(gid, 8)
-    buf[124:136] = _octal(size, 12)
-    buf[136:148] = _octal(mtime, 12)
-    buf[148:156] = b" " * 8
-    buf[156:157] = typeflag
-    buf[157:157 + len(linkname)] = linkname
-    buf[257:265] = b"ustar\x0000"
-    buf[329:337] = _octal(devmajor, 8)
-    buf[337:345] = _octal(devminor, 8)
-    buf[148:156] = b"%06o\0 " % sum(buf)
-    return bytes(buf)
+    block = _USTAR.pack(name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8),
+                        _octal(size, 12), _octal(mtime, 12), b"        ", typeflag, linkname,
+                        b"ustar\x0000", b"", b"", _octal(devmajor, 8), _octal(devminor, 8),
+                        b"", b"")
+    return block[:148] + b"%06o\0 " % block_sum(block) + block[156:]
 
 
 def _fits(field: bytes, width: int) -> bool:
@@ -286,24 +303,104 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _read_exact(f: BinaryIO, n: int) -> bytes:
-    try:
-        return read_exactly(f.read, n)
-    except ShortRead:
-        raise TarFormatError("tar stream ends in the middle of a member",
-                             hint="the input is truncated") from None
+def _truncated() -> TarFormatError:
+    return TarFormatError("tar stream ends in the middle of a member",
+                          hint="the input is truncated")
 
 
 class TarReader:
     """Iterate members of a tar stream; data must be consumed via read_data()
-    (or skipped) before asking for the next member."""
+    (or skipped) before asking for the next member.
 
-    def __init__(self, f: BinaryIO, *, source: str):
+    The stream is read in chunks of `chunk` bytes (any f.read(n) that returns
+    at most n bytes and b"" at the end will do) and parsed from memory, so a
+    header costs no read call.  Chunks are kept as immutable bytes: a view
+    from read_view() stays valid after the reader moved on."""
+
+    def __init__(self, f: BinaryIO, *, source: str, chunk: int = READ_CHUNK):
         self.f = f
         self.source = source
+        self._chunk = chunk
+        self._buf = b""
+        self._view = memoryview(self._buf)
+        self._pos = 0
         self._remaining = 0
         self._pad = 0
         self._global: dict[bytes, bytes] = {}
+
+    # -- the buffer ---------------------------------------------------------
+    def _more(self) -> bool:
+        """Append the next chunk of the stream to what is left; False at its end."""
+        chunk = self.f.read(self._chunk)
+        if not chunk:
+            return False
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        if self._pos < len(self._buf):
+            chunk = self._buf[self._pos:] + chunk
+        self._buf, self._view, self._pos = chunk, memoryview(chunk), 0
+        return True
+
+    def _take(self, n: int) -> bytes:
+        """Exactly n bytes (a copy), or TarFormatError at the stream's end."""
+        end = self._pos + n
+        if end <= len(self._buf):
+            out = self._buf[self._pos:end]
+            self._pos = end
+            return out
+        parts = [self._buf[self._pos:]]
+        have = len(parts[0])
+        self._buf, self._view, self._pos = b"", memoryview(b""), 0
+        while have < n:
+            if not self._more():
+                raise _truncated()
+            need = n - have
+            if len(self._buf) > need:
+                parts.append(self._buf[:need])
+                self._pos = need
+                have = n
+            else:
+                parts.append(self._buf)
+                have += len(self._buf)
+                self._buf, self._view, self._pos = b"", memoryview(b""), 0
+        return b"".join(parts)
+
+    def _skip(self, n: int) -> None:
+        while n:
+            if self._pos >= len(self._buf) and not self._more():
+                raise _truncated()
+            step = min(n, len(self._buf) - self._pos)
+            self._pos += step
+            n -= step
+
+    # -- data of the current member -----------------------------------------
+    def read_view(self, n: int = READ_CHUNK) -> memoryview:
+        """Up to `n` bytes of the current member's stored data, without
+        copying (possibly fewer, never none before its end); empty at its end."""
+        if self._remaining <= 0:
+            return memoryview(b"")
+        if self._pos >= len(self._buf) and not self._more():
+            raise _truncated()
+        k = min(n, self._remaining, len(self._buf) - self._pos)
+        view = self._view[self._pos:self._pos + k]
+        self._pos += k
+        self._remaining -= k
+        return view
+
+    def read_data(self, n: int = READ_CHUNK) -> bytes:
+        """Up to `n` bytes of the current member's stored data (exactly n
+        while that much is left); b"" at its end."""
+        want = min(n, self._remaining)
+        if want <= 0:
+            return b""
+        end = self._pos + want
+        if end <= len(self._buf):
+            out = self._buf[self._pos:end]
+            self._pos = end
+        else:
+            out = self._take(want)
+        self._remaining -= want
+        return out
 
     def __iter__(self) -> Iterator[Member]:
         while True:
@@ -313,22 +410,14 @@ class TarReader:
                 return
             yield member
 
-    def read_data(self, n: int = 1 << 20) -> bytes:
-        """Up to `n` bytes of the current member's stored data; b"" at its end."""
-        if self._remaining <= 0:
-            return b""
-        chunk = _read_exact(self.f, min(n, self._remaining))
-        self._remaining -= len(chunk)
-        return chunk
-
     def dense_reader(self, m: Member):
         """A read(n) over the current member's content with holes filled in."""
         if m.sparse is None:
-            return self.read_data
+            return self.read_view
         segments = list(m.sparse)
         pos = 0
 
-        def read(n: int = 1 << 20) -> bytes:
+        def read(n: int = READ_CHUNK) -> bytes | memoryview:
             nonlocal pos
             while segments and segments[0][1] == 0 and segments[0][0] <= pos:
                 segments.pop(0)
@@ -336,7 +425,7 @@ class TarReader:
                 return b""
             if segments and segments[0][0] <= pos:
                 off, length = segments[0]
-                chunk = self.read_data(min(n, off + length - pos))
+                chunk = self.read_view(min(n, off + length - pos))
                 if not chunk:
                     raise TarFormatError(f"{self.source}: sparse member data ends early")
                 pos += len(chunk)
@@ -351,32 +440,44 @@ class TarReader:
         return read
 
     def skip_data(self) -> None:
-        while self._remaining > 0:
-            self.read_data()
+        if self._remaining > 0:
+            self._skip(self._remaining)
+            self._remaining = 0
         if self._pad:
-            _read_exact(self.f, self._pad)
+            self._skip(self._pad)
             self._pad = 0
+
+    def _header(self) -> bytes | None:
+        """The next 512-byte block; None at the stream's end."""
+        end = self._pos + BLOCK
+        if end <= len(self._buf):
+            block = self._buf[self._pos:end]
+            self._pos = end
+            return block
+        if self._pos >= len(self._buf) and not self._more():
+            return None
+        return self._take(BLOCK)
 
     def _next(self) -> Member | None:
         pax: dict[bytes, bytes] = {}
         longname = longlink = None
         while True:
-            block = self.f.read(BLOCK)
-            if block and len(block) < BLOCK:  # a pipe may return less: read on
-                block += _read_exact(self.f, BLOCK - len(block))
-            if not block or block == bytes(BLOCK):
+            block = self._header()
+            if block is None or block == _ZERO_BLOCK:
                 return None
             try:
                 checksum = _parse_number(block[148:156])
             except ValueError:
                 checksum = -1
-            if checksum != sum(block[:148]) + 256 + sum(block[156:]):
+            if checksum != block_sum(block) - sum(block[148:156]) + 256:
                 raise TarFormatError(f"{self.source}: not a tar stream (bad header checksum)",
                                      hint="is the input really a tar archive?")
             typeflag = block[156:157]
             size = _parse_number(block[124:136])
             if typeflag in (b"x", b"g", b"L", b"K"):
-                payload = _read_exact(self.f, size + (-size % BLOCK))[:size]
+                if size < 0:
+                    raise _truncated()
+                payload = self._take(size + (-size % BLOCK))[:size]
                 if typeflag == b"x":
                     pax.update(self._parse_pax(payload))
                 elif typeflag == b"g":
@@ -386,7 +487,8 @@ class TarReader:
                 else:
                     longlink = payload.rstrip(b"\0")
                 continue
-            return self._member(block, typeflag, size, {**self._global, **pax},
+            return self._member(block, typeflag, size,
+                                {**self._global, **pax} if self._global else pax,
                                 longname, longlink)
 
     def _parse_pax(self, payload: bytes) -> dict[bytes, bytes]:
@@ -485,7 +587,7 @@ class TarReader:
         count = None
         consumed = 0
         while count is None or len(numbers) < 1 + 2 * count:
-            chunk = _read_exact(self.f, BLOCK)
+            chunk = self._take(BLOCK)
             consumed += BLOCK
             text += chunk
             *complete, text = text.split(b"\n")
