@@ -2,8 +2,8 @@
 
 Layout under the cache directory::
 
-    entries/<key>/     a finished entry: its files plus entry.json (sha256 and
-                       size of each file, checked before every use)
+    entries/<key>/     a finished entry: its files plus entry.json (size,
+                       sha256 and stat of each file, checked before every use)
     tmp/<random>/      entries being built; the builder holds tmp/<random>.lock
     locks/<key>.lock   exclusive while an entry is built, shared while it is used
     hashes/<stat key>  remembered sha256 of large input files, keyed by path and
@@ -13,6 +13,20 @@ An entry is built in tmp/ and renamed into entries/ in one step, so a killed
 build leaves at most an orphan in tmp/ (removed by the next build or prune).
 Two builds that need the same entry serialize on its lock; the second reuses
 the first one's result.
+
+Verification.  entry.json records, for every file, its size and sha256 and
+the stat it had when hashed (inode, mtime and ctime in nanoseconds).  Before
+every use a build compares sizes and stats: when they all match, the recorded
+hash stands; when any differs, the file is hashed again, and either the entry
+is damaged (rebuilt, with a warning) or the new stat is recorded.  So a
+normal build catches every change made through the filesystem -- a write,
+truncation, replacement or copy, and a write whose mtime was set back
+afterwards, since setting a time changes the ctime, which no one can set
+back -- at the cost of a stat per file.  What it cannot see is a change that
+bypasses the filesystem: bit rot on the disk, writes to the block device, a
+restore that keeps the inodes' times.  `rootfs-build cache verify` (verify())
+hashes every file of every entry regardless of the stats, removes damaged
+entries and says which.
 """
 
 from __future__ import annotations
@@ -34,8 +48,12 @@ from . import ui
 from .errors import UserError
 from .fileio import write_atomic
 from .hashing import sha256_file
+from .pipeline import written_digest
 
 ENTRY_META = "entry.json"
+# What the files of an entry look like (the layer index format among them);
+# entries of another layout are rebuilt, not read.
+ENTRY_LAYOUT = 2
 
 
 def default_dir() -> Path:
@@ -121,20 +139,55 @@ class Cache:
     def entry_dir(self, key: str) -> Path:
         return self.root / "entries" / key
 
-    def _verify(self, key: str) -> bool:
+    def _check(self, key: str, *, rehash: bool = False) -> str | None:
+        """None when entry `key` can be used; otherwise why not, as the warning
+        says it.  With `rehash`, every file is hashed whatever its stat says;
+        a file whose stat changed but whose content did not gets its new stat
+        recorded."""
         d = self.entry_dir(key)
+        damaged = "is damaged (its files do not match their checksums)"
         try:
             meta = json.loads((d / ENTRY_META).read_text())
+            if meta.get("layout") != ENTRY_LAYOUT:
+                return (f"was written by another version of rootfs-build (layout "
+                        f"{meta.get('layout', 1)}, this one reads {ENTRY_LAYOUT})")
+            changed = False
             for name, want in meta["files"].items():
                 p = d / name
-                if p.stat().st_size != want["size"] or sha256_file(p) != want["sha256"]:
-                    return False
+                st = p.stat()
+                if st.st_size != want["size"]:
+                    return damaged
+                if not rehash and want.get("stat") == _file_stat(st):
+                    continue
+                if sha256_file(p) != want["sha256"]:
+                    return damaged
+                if want.get("stat") != _file_stat(st):
+                    want["stat"] = _file_stat(st)
+                    changed = True
+            if changed:
+                write_atomic(d / ENTRY_META, json.dumps(meta, indent=1, sort_keys=True))
         except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return True
+            return damaged
+        return None
+
+    def _describe_files(self, directory: Path) -> dict[str, dict[str, Any]]:
+        """Size, sha256 and stat of the files of a new entry (the digest
+        computed while a file was written is reused when it is still that
+        file)."""
+        files = {}
+        for p in sorted(directory.iterdir()):
+            if p.is_file():
+                st = p.stat()
+                files[p.name] = {"size": st.st_size,
+                                 "sha256": written_digest(p) or sha256_file(p),
+                                 "stat": _file_stat(st)}
+        return files
 
     def _discard(self, key: str, why: str) -> None:
-        ui.warn(f"cache entry {key[:12]} is damaged ({why}); rebuilding it")
+        ui.warn(f"cache entry {key[:12]} {why}; rebuilding it")
+        self._remove_entry(key)
+
+    def _remove_entry(self, key: str) -> None:
         trash = Path(tempfile.mkdtemp(prefix="trash-", dir=self.root / "tmp"))
         with contextlib.suppress(OSError):
             os.rename(self.entry_dir(key), trash / key)
@@ -155,19 +208,17 @@ class Cache:
                 self._held.append(fd)
                 return d, False
             if d.exists():
-                if self._verify(key):
+                problem = self._check(key)
+                if problem is None:
                     self._touch(key)
                     self._keep_shared(fd)
                     return d, False
-                self._discard(key, "its files do not match their checksums")
+                self._discard(key, problem)
             with self.staging(f"{kind}-") as tmp:
                 info = build(tmp)
-                files = {}
-                for p in sorted(tmp.iterdir()):
-                    if p.is_file():
-                        files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                files = self._describe_files(tmp)
                 meta = {"key": key, "kind": kind, "label": label, "created": int(time.time()),
-                        "files": files, "info": info}
+                        "layout": ENTRY_LAYOUT, "files": files, "info": info}
                 with open(tmp / ENTRY_META, "w") as f:
                     json.dump(meta, f, indent=1, sort_keys=True)
                     f.flush()
@@ -267,6 +318,38 @@ class Cache:
         self.clean_orphans()
         return removed, freed
 
+    def verify(self) -> list[dict[str, Any]]:
+        """Hash every file of every entry, whatever its stat says.  A damaged
+        entry (or one of another layout) is removed unless a running build
+        holds it, which is then said.  One row per entry: key, kind, label,
+        status ("ok", "damaged", "stale", "damaged, in use"), why."""
+        rows = []
+        for e in self.entries():
+            fd = self._lock_fd(e.key)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    exclusive = True
+                except BlockingIOError:
+                    fcntl.flock(fd, fcntl.LOCK_SH)   # in use: read it all the same
+                    exclusive = False
+                if not self.entry_dir(e.key).exists():
+                    continue   # pruned meanwhile
+                problem = self._check(e.key, rehash=True)
+                status = "ok"
+                if problem is not None:
+                    status = "damaged" if "damaged" in problem else "stale"
+                    if exclusive:
+                        self._remove_entry(e.key)
+                    else:
+                        status += ", in use"
+                rows.append({"key": e.key, "kind": e.meta.get("kind", "?"),
+                             "label": e.meta.get("label", ""), "status": status,
+                             "why": problem or ""})
+            finally:
+                os.close(fd)
+        return rows
+
     # -- input hashes -------------------------------------------------------------
     def file_sha256(self, path: Path, *, label: str = "") -> str:
         """sha256 of a build input, remembered by its stat so a large base
@@ -288,6 +371,11 @@ class Cache:
         with contextlib.suppress(OSError):
             write_atomic(memo, digest + "\n")
         return digest
+
+
+def _file_stat(st: os.stat_result) -> list[int]:
+    """What must stay the same for a file's recorded hash to stand."""
+    return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _fsync_dir(path: Path) -> None:

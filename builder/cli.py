@@ -81,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
                                  help="remove entries not in use, least recently used first")
     prune.add_argument("--max-size", type=_size, metavar="SIZE",
                        help="keep at most SIZE (like 20G); without it, remove all")
+    cache_sub.add_parser(
+        "verify", parents=[common, cache_opts],
+        help="hash every file of every entry and remove the damaged ones (a build "
+             "re-hashes a file only when its size, inode, mtime or ctime changed); "
+             "exit 1 when something was damaged")
     sub.add_parser("demo", parents=[common, build_opts, cache_opts],
                    help="lay out the demo (recipe, overlay, stand-in inputs) under the "
                         "cache directory, made once, and build it")
@@ -177,6 +182,17 @@ def cmd_cache(args: argparse.Namespace, session: Session) -> int:
             _emit(args, {"cache_dir": str(cache.root), "entries": rows, "total": total},
                   (text + "\n" if text else "") + f"{len(rows)} entries, {total} bytes in "
                   f"{cache.root}")
+        elif args.cache_command == "verify":
+            rows = cache.verify()
+            bad = [r for r in rows if r["status"] != "ok"]
+            text = "\n".join(f"{r['key'][:16]}  {r['kind']:8} {r['status']:16} {r['label']}"
+                             + (f": {r['why']}" if r["why"] else "") for r in rows)
+            removed = sum(1 for r in bad if "in use" not in r["status"])
+            _emit(args, {"cache_dir": str(cache.root), "entries": rows, "damaged": len(bad),
+                         "removed": removed},
+                  (text + "\n" if text else "") + f"{len(rows)} entries verified, "
+                  f"{len(bad)} damaged, {removed} removed")
+            return 1 if bad else 0
         else:
             removed, freed = cache.prune(args.max_size)
             _emit(args, {"removed": removed, "freed": freed},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import glob
 import json
 import os
@@ -427,6 +428,7 @@ class Appliance:
         """Run a FileOut call (tar_out, download...) into a pipe that `consume`
         reads on this thread as the appliance writes it."""
         r, w = os.pipe()
+        _widen_pipe(w)
         fn = getattr(self.g, name)
         worker = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
                              after=lambda: os.close(w))
@@ -474,6 +476,7 @@ class Appliance:
         """Run a FileIn call (tar_in, upload...) fed through a pipe by
         `produce`, which writes on this thread as the appliance reads."""
         r, w = os.pipe()
+        _widen_pipe(w)
         fn = getattr(self.g, name)
         worker = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
                              after=lambda: os.close(r))
@@ -705,6 +708,20 @@ def _qemu_children() -> set[int]:
         if int(ppid) == me and comm.startswith("qemu") and state not in ("Z", "X"):
             found.add(int(entry))
     return found
+
+
+_F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB: libguestfs hands file data over in
+    small chunks; a wider pipe lets it run ahead while our side is busy and
+    lets our side take the data in fewer reads.  The limit is the kernel's
+    (fs.pipe-max-size, 1 MiB by default): where it is lower, the default
+    stays."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
 
 
 class _ProgressWriter:

@@ -4,6 +4,12 @@ Compression is fixed so the bytes depend only on the tar: gzip level 6 with
 no name and mtime 0; zstd level 3 with a worker thread pool (libzstd writes
 the same bytes for any number of workers >= 1, and for any write chunking)
 and no content size in the frame header.
+
+Every sink works beside the assembling thread: a compressor is fed from a
+queue on a thread of its own (gzip and zstd release the GIL while they
+work, and zstd has its own workers besides), and every file is hashed and
+written on another (pipeline.BackgroundFile), which also starts the disk
+writing early, so publishing's fsync finds little left to do.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import errno
 import fcntl
 import gzip
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +33,15 @@ from typing import Any
 import zstandard
 
 from .errors import UserError
-from .hashing import HashingFile, sha256_file
+from .hashing import sha256_file
+from .pipeline import BackgroundFile
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
 ZSTD_WORKERS = 2
 BUFFER = 1 << 20
+_DIRECT = BUFFER // 4       # writes at least this large skip the Tee's buffer
+_FEED_DEPTH = 8             # blocks queued for a compressor
 
 
 def compression_versions() -> dict[str, str]:
@@ -39,11 +50,12 @@ def compression_versions() -> dict[str, str]:
 
 
 class TarSink:
-    """One output file for one tar format."""
+    """One output file for one tar format.  `file.sha` and `file.size` are
+    the file's sha256 and length once closed."""
 
     def __init__(self, path: Path, fmt: str):
         self.fmt = fmt
-        self.file = HashingFile(path)
+        self.file = BackgroundFile(path, name=f"sink-{fmt}")
         self._writer: Any
         if fmt == "tar":
             self._writer = self.file
@@ -56,39 +68,87 @@ class TarSink:
             self._writer = cctx.stream_writer(self.file, closefd=False)  # type: ignore[arg-type]
         else:
             raise ValueError(fmt)
+        self._queue: queue.Queue[Any] | None = None
+        self._error: BaseException | None = None
+        if self._writer is not self.file:
+            self._queue = queue.Queue(_FEED_DEPTH)
+            self._thread = threading.Thread(target=self._feed, name=f"rb-{fmt}", daemon=True)
+            self._thread.start()
 
-    def write(self, data: bytes) -> None:
-        self._writer.write(data)
+    def _feed(self) -> None:
+        assert self._queue is not None
+        while True:
+            block = self._queue.get()
+            if block is None:
+                return
+            if self._error is None:
+                try:
+                    self._writer.write(block)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self._error = e
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Hand `data` over (it must not change afterwards)."""
+        if self._queue is None:
+            self._writer.write(data)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def _stop_feeding(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
 
     def close(self) -> None:
+        self._stop_feeding()
+        if self._error is not None:
+            self.file.abort()
+            raise self._error
         if self._writer is not self.file:
             self._writer.close()
         self.file.close()
 
+    def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._stop_feeding()
+        self.file.abort()
+
 
 class Tee:
-    """Buffers small writes and hands 1 MiB blocks to every sink."""
+    """Gathers small writes into 1 MiB blocks and hands every block (and
+    every large write as it is) to each sink."""
 
     def __init__(self, sinks: list[TarSink]):
         self.sinks = sinks
         self._buf = bytearray()
 
     def write(self, data: bytes) -> None:
+        if len(data) >= _DIRECT:
+            self._flush()
+            for s in self.sinks:
+                s.write(data)
+            return
         self._buf += data
         if len(self._buf) >= BUFFER:
             self._flush()
 
     def _flush(self) -> None:
         if self._buf:
-            block = bytes(self._buf)
+            block, self._buf = self._buf, bytearray()
             for s in self.sinks:
                 s.write(block)
-            self._buf.clear()
 
     def close(self) -> None:
         self._flush()
         for s in self.sinks:
             s.close()
+
+    def abort(self) -> None:
+        for s in self.sinks:
+            s.abort()
 
 
 def sha256sums(directory: Path, known: dict[str, str] | None = None) -> str:
@@ -260,7 +320,17 @@ class OutputDir:
 
 @contextlib.contextmanager
 def open_sinks(directory: Path, formats: list[str]) -> Iterator[Tee]:
-    sinks = [TarSink(directory / f"rootfs.{fmt}", fmt) for fmt in formats]
+    sinks: list[TarSink] = []
+    try:
+        for fmt in formats:
+            sinks.append(TarSink(directory / f"rootfs.{fmt}", fmt))
+    except BaseException:
+        Tee(sinks).abort()
+        raise
     tee = Tee(sinks)
-    yield tee
+    try:
+        yield tee
+    except BaseException:
+        tee.abort()
+        raise
     tee.close()

@@ -26,6 +26,7 @@ import platform
 import re
 import shlex
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -201,21 +202,55 @@ class BaseStep:
         guestfs_io.check_image(image, self.fmt)
         app = ctx.appliance(f"base image {image.name}")
         app.add_drive(image, fmt=self.fmt, readonly=True)
+        times = {"start": time.monotonic()}
+        stats: dict[str, float] = {}
         with app:
+            times["launched"] = time.monotonic()
             info = app.inspect_base(str(image), mount=ctx.recipe.spec.base.filesystems == "all")
             check_arch(ctx, info.arch)  # before the long extraction
+            times["inspected"] = time.monotonic()
             ui.step(f"extracting {image.name}: {info.os_release.get('PRETTY_NAME', 'unknown OS')}"
                     f" ({info.arch}), root {info.root}")
             with ui.bar("extracting base", info.used_bytes or None) as bar:
                 def consume(stream: BinaryIO) -> dict[str, Any]:
                     return build_layer_from_tar(stream, tmp, mtime_policy="clamp",
-                                                source=image.name, on_bytes=bar.update)
+                                                source=image.name, on_bytes=bar.update,
+                                                stats=stats)
                 summary = app.tar_out("/", consume)
+            times["extracted"] = time.monotonic()
+        times["closed"] = time.monotonic()
+        ui.info(extraction_profile(times, stats, summary))
         return {"base": info.to_json(), "summary": summary}
 
     def done(self, ctx: StepContext, rec: LayerRecord) -> None:
         ctx.base_info = rec.info["base"]
         check_arch(ctx, ctx.base_info["arch"])
+
+
+def extraction_profile(times: dict[str, float], stats: dict[str, float],
+                       summary: dict[str, Any]) -> str:
+    """One -v line on where the base extraction's time went, as key=value
+    pairs (bench/build.py --profile reads it): seconds from the launch, the
+    stream's first and last block, the CPU of each host thread, and how long
+    the host side ran on after the stream's end."""
+    t0 = times["start"]
+    fields = {
+        "launch": times["launched"] - t0,
+        "inspect": times["inspected"] - times["launched"],
+        "stream_first": stats.get("first_data", t0) - t0,
+        "stream_last": stats.get("last_data", t0) - t0,
+        "parsed": stats.get("parsed", t0) - t0,
+        "layer_done": stats.get("finished", t0) - t0,
+        "appliance_closed": times["closed"] - t0,
+        "read_cpu": stats.get("read_cpu", 0.0),
+        "parse_cpu": stats.get("parse_cpu", 0.0),
+        "write_cpu": stats.get("write_cpu", 0.0),
+        "index_cpu": stats.get("index_cpu", 0.0),
+        "waited": stats.get("waited", 0.0),
+    }
+    text = " ".join(f"{k}={v:.2f}" for k, v in fields.items())
+    return (f"extraction profile: {text} bytes={summary['tar_bytes']} "
+            f"entries={summary['entries']}")
 
 
 def check_arch(ctx: StepContext, arch: str) -> None:
