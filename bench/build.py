@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,8 @@ PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 HOST_ROOTS = ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share", "/usr/include")
 MAX_FILE = 32 << 20          # no single host file larger than this
 MTIME = sampleimage.MTIME
-TARGETS = {"cold": 1.15, "warm": 2.0, "rss_mb": 300}
+TARGETS = {"cold": 0.55, "cold_floor": 1.25, "host": 2.0, "warm": 1.2, "rss_mb": 150,
+           "rss_flat": 0.10}
 
 # Runs builder.cli.main (what .venv/bin/rootfs-build runs) and, at exit,
 # records the process's own rusage and that of the children it waited for
@@ -297,6 +299,7 @@ class Run:
     others: float = 0.0             # CPU seconds the rest of the machine used meanwhile
     rusage: dict[str, Any] = dataclasses.field(default_factory=dict)   # from CLI_HOOK
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # --json output
+    timeline: list[str] = dataclasses.field(default_factory=list)      # stamped stderr lines
 
 
 _current: subprocess.Popen[bytes] | None = None
@@ -337,7 +340,7 @@ def wait_until_quiet(limit: float) -> None:
 
 def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | None = None,
         rusage_file: Path | None = None, shown: str | None = None,
-        timeline: list[str] | None = None) -> Run:
+        timeline: list[str] | None = None, quiet: bool = True) -> Run:
     """Run `cmd` to completion; wall time, and CPU time from wait4.  With
     `timeline`, stderr lines are collected there stamped with seconds since
     the start (costs a pipe; only the profiling runs use it)."""
@@ -345,7 +348,7 @@ def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | Non
     full_env = {**os.environ, **env}
     if rusage_file is not None:
         full_env["ROOTFS_BENCH_RUSAGE"] = str(rusage_file)
-    if QUIET_WAIT > 0:
+    if QUIET_WAIT > 0 and quiet:
         wait_until_quiet(QUIET_WAIT)
     with open(log_to, "ab") as err, open(stdout or os.devnull, "wb") as out:
         err.write(f"$ {shown or ' '.join(cmd)}\n".encode())
@@ -368,7 +371,7 @@ def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | Non
         p.returncode = os.waitstatus_to_exitcode(status)
         _current = None
     cpu = ru.ru_utime + ru.ru_stime
-    r = Run(seconds, p.returncode, cpu, others=max(busy - cpu, 0.0))
+    r = Run(seconds, p.returncode, cpu, others=max(busy - cpu, 0.0), timeline=timeline or [])
     if r.rc != 0:
         raise SystemExit(f"bench: {shown or cmd[0]} failed (exit {r.rc}); see {log_to}")
     if rusage_file is not None and rusage_file.exists():
@@ -380,22 +383,26 @@ def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | Non
     return r
 
 
-def smp2_tar_out(image: Path, out: Path, flags: list[str]) -> list[str]:
-    """guestfish's -i with 2 vCPUs: -i launches before any command could call
-    set-smp, so do what -i does by hand (inspect, mount / and /boot)."""
-    return ["guestfish", "--ro", "--format=qcow2", "-a", str(image), "--",
-            "set-smp", "2", ":", "run", ":", "inspect-os", ":",
-            "mount-ro", "/dev/sda2", "/", ":", "mount-ro", "/dev/sda1", "/boot", ":",
-            "tar-out", "/", str(out), *flags]
-
-
 def cli_cmd(recipe: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     return [str(PYTHON), "-c", CLI_HOOK, str(recipe), "-o", str(out), "--cache-dir", str(cache),
             "--json", *extra]
 
 
+def host_only_cmd(stream: Path, baseinfo: Path, recipe: Path, out: Path, cache: Path,
+                  *extra: str) -> list[str]:
+    return [str(PYTHON), str(REPO / "bench" / "host_only.py"), str(stream), str(baseinfo), "--",
+            str(recipe), "-o", str(out), "--cache-dir", str(cache), "--json", *extra]
+
+
+def appliance_cmd(mode: str, image: Path, *extra: Path) -> list[str]:
+    return [str(PYTHON), str(REPO / "bench" / "appliance_runs.py"), mode, str(image),
+            *map(str, extra)]
+
+
 def cli_shown(cmd: list[str]) -> str:
     """How the log shows a cli_cmd: as the rootfs-build command it is."""
+    if CLI_HOOK not in cmd:
+        return " ".join(cmd)
     i = cmd.index(CLI_HOOK)
     return " ".join([*cmd[:i - 2], "rootfs-build", *cmd[i + 1:]])
 
@@ -452,19 +459,67 @@ def profile_summary(raw: Path, rate: int, top: int = 12) -> list[str]:
 # main
 
 
+def stream_tar(workdir: Path, image: Path, env: dict[str, str], logf: Path
+               ) -> tuple[Path, Path]:
+    """What tar_out sends for `image` (and what inspection found), made once
+    with the tool's Appliance and kept beside the image: the host-only run's
+    input and the ZB floor's."""
+    tar, meta = image.with_suffix(".stream.tar"), image.with_suffix(".stream.json")
+    if not (tar.exists() and meta.exists()):
+        log(f"making {tar.name} (tar_out of the image, once; not timed)")
+        run(appliance_cmd("stream", image, tar, meta), env=env, log_to=logf, quiet=False)
+    return tar, meta
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact(r: Run) -> dict[str, Any]:
+    arts = r.summary.get("artifacts", [])
+    return arts[0] if arts else {}
+
+
+def base_layer_sha(cache: Path) -> str:
+    for d in (cache / "entries").iterdir():
+        meta = json.loads((d / "entry.json").read_text())
+        if meta.get("kind") == "base":
+            return str(meta["files"]["layer.tar"]["sha256"])
+    return "?"
+
+
+def index_bytes_per_entry(cache: Path) -> float:
+    for d in (cache / "entries").iterdir():
+        meta = json.loads((d / "entry.json").read_text())
+        if meta.get("kind") == "base":
+            files = meta["files"]
+            size = sum(files[n]["size"] for n in files if n.startswith("index"))
+            return size / max(meta["info"]["summary"]["entries"], 1)
+    return 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=1.0, help="bytes of file data (GiB)")
     ap.add_argument("--files", type=int, default=50000, help="regular files in the base")
+    ap.add_argument("--small-gb", type=float, default=0.25, metavar="G",
+                    help="also build a base of G GiB of the same shape (files in proportion) "
+                         "for the peak RSS comparison (0: skip)")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rootfs-build-bench"),
-                    help="where the base image is cached and runs happen")
+                    help="where the base images are cached and runs happen")
     ap.add_argument("--keep", action="store_true", help="keep this run's outputs and caches")
     ap.add_argument("--repeat", type=int, default=1, help="runs per step; medians are shown")
     ap.add_argument("--warm-repeat", type=int, default=3, metavar="N",
-                    help="per --repeat, time the (short) warm builds and the zstd floor N "
-                         "times; medians are shown")
+                    help="per --repeat, time the short steps (host side, warm builds, zstd "
+                         "floors) N times; medians are shown")
+    ap.add_argument("--skip-virt-tar-out", action="store_true",
+                    help="leave out A (the slowest step); the cold ratio is then against F")
     ap.add_argument("--profile", action="store_true",
-                    help="afterwards, run cold and warm once more under py-spy and summarize")
+                    help="afterwards, run cold, host-only and warm once more under py-spy")
     ap.add_argument("--accel", choices=("tcg", "auto"), default="tcg",
                     help="tcg: LIBGUESTFS_BACKEND_SETTINGS=force_tcg for every appliance "
                          "(baselines and builds alike); auto: let libguestfs/the tool choose")
@@ -483,65 +538,100 @@ def main() -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     image, info = base_image(workdir, args.size_gb, args.files, selinux=args.selinux, env=env)
+    small: tuple[Path, dict[str, Any]] | None = None
+    if args.small_gb > 0:
+        small = base_image(workdir, args.small_gb,
+                           max(1, round(args.files * args.small_gb / args.size_gb)),
+                           selinux=args.selinux, env=env)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     logf = rundir / "log.txt"
     log(f"run directory {rundir} (commands and their stderr in log.txt)")
+    stream, baseinfo = stream_tar(workdir, image, env, logf)
     results: dict[str, list[Run]] = defaultdict(list)
     profiles: dict[str, list[str]] = {}
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = {"stream tar": stream.stat().st_size}
+    hashes: dict[str, str] = {}
+    load: list[str] = []
     try:
         overlay = rundir / "overlay"
         (overlay / "etc" / "bench").mkdir(parents=True)
         for i in range(3):
             (overlay / "etc" / "bench" / f"file{i}.conf").write_text(f"setting = {i}\n")
         (overlay / "etc" / "bench" / "changing.conf").write_text("generation = 0\n")
-        recipe = rundir / "bench.yaml"
-        recipe.write_text(
-            "name: bench\n"
-            f"base:\n  image: {json.dumps(str(image))}\n"
-            f"overlays:\n  - {json.dumps(str(overlay))}\n"
-            "output:\n  formats: [tar.zst]\n  bundle: false\n")
+
+        def recipe_for(img: Path, name: str) -> Path:
+            path = rundir / f"{name}.yaml"
+            path.write_text(
+                "name: bench\n"
+                f"base:\n  image: {json.dumps(str(img))}\n"
+                f"overlays:\n  - {json.dumps(str(overlay))}\n"
+                "output:\n  formats: [tar.zst]\n  bundle: false\n")
+            return path
+
+        recipe = recipe_for(image, "bench")
         out_dir = rundir / "out"
+        floor_dir = rundir / "floor"
+        floor_dir.mkdir()
         changes = 0
+        load.append(f"before: {uptime()}")
         for rep in range(args.repeat):
             tag = f" ({rep + 1}/{args.repeat})" if args.repeat > 1 else ""
-            base_out = rundir / "baseline.tar"
-            log(f"A: virt-tar-out{tag}")
-            results["A"].append(run(["virt-tar-out", "-a", str(image), "/", str(base_out)],
-                                    env=env, log_to=logf))
-            base_out.unlink()
-            log(f"B: guestfish --smp 2 tar-out{tag}")
-            results["B"].append(run(smp2_tar_out(image, base_out, []), env=env, log_to=logf))
-            base_out.unlink()
-            log(f"C: guestfish --smp 2 tar-out with the tool's flags{tag}")
-            results["C"].append(run(smp2_tar_out(image, base_out, [
-                "numericowner:true", "xattrs:true", "selinux:true", "acls:true"]),
-                env=env, log_to=logf))
-            sizes["baseline C tar"] = base_out.stat().st_size
-            base_out.unlink()
-
+            if not args.skip_virt_tar_out:
+                base_out = rundir / "baseline.tar"
+                log(f"A: virt-tar-out{tag}")
+                results["A"].append(run(["virt-tar-out", "-a", str(image), "/",
+                                         str(base_out)], env=env, log_to=logf))
+                base_out.unlink()
+            log(f"F: libguestfs floor (launch, inspect, in-guest tar | cat){tag}")
+            results["F"].append(run(appliance_cmd("floor", image), env=env, log_to=logf,
+                                    stdout=rundir / "floor.json"))
+            log(f"T: the floor plus the transfer to the host{tag}")
+            results["T"].append(run(appliance_cmd("transfer", image), env=env, log_to=logf,
+                                    stdout=rundir / "transfer.json"))
             cache = rundir / f"cache-{rep}"
-            if cache.exists():
-                shutil.rmtree(cache)
+            shutil.rmtree(cache, ignore_errors=True)
             cache.mkdir()
             log(f"cold build{tag}")
-            cmd = cli_cmd(recipe, out_dir, cache)
+            cmd = cli_cmd(recipe, out_dir, cache, "-v")
             r = run(cmd, env=env, log_to=logf, stdout=rundir / "cold.json",
-                    rusage_file=rundir / "cold.rusage", shown=cli_shown(cmd))
+                    rusage_file=rundir / "cold.rusage", shown=cli_shown(cmd), timeline=[])
             results["cold"].append(r)
-            floor_dir = rundir / "floor"
-            floor_dir.mkdir(exist_ok=True)
+            hashes["cold rootfs.tar.zst (generation 0)"] = artifact(r).get("sha256", "?")
+            hashes["cold base layer.tar"] = base_layer_sha(cache)
+            sizes["index bytes per entry"] = int(index_bytes_per_entry(cache))
             plain = floor_dir / "rootfs.tar"
             zst = out_dir / "bench" / "rootfs.tar.zst"
             subprocess.run(["zstd", "-d", "-q", "-f", str(zst), "-o", str(plain)], check=True)
             sizes["rootfs.tar"] = plain.stat().st_size
             sizes["rootfs.tar.zst"] = zst.stat().st_size
+            hashes["cold rootfs.tar (generation 0)"] = sha256_of(plain)
             for w in range(args.warm_repeat):
                 wtag = f"{tag} [{w + 1}/{args.warm_repeat}]" if args.warm_repeat > 1 else tag
+                hcache = rundir / "cache-host"
+                shutil.rmtree(hcache, ignore_errors=True)
+                hcache.mkdir()
+                # the base image's sha256 is remembered as a real second build would
+                shutil.copytree(cache / "hashes", hcache / "hashes", dirs_exist_ok=True)
+                (overlay / "etc" / "bench" / "changing.conf").write_text("generation = 0\n")
+                log(f"H: host side only (cold build fed from the stream tar){wtag}")
+                hcmd = host_only_cmd(stream, baseinfo, recipe, rundir / "out-host", hcache, "-v")
+                r = run(hcmd, env=env, log_to=logf, stdout=rundir / "host.json",
+                        rusage_file=rundir / "host.rusage", timeline=[])
+                results["H"].append(r)
+                hashes["host-only rootfs.tar.zst (generation 0)"] = artifact(r).get("sha256", "?")
+                hashes["host-only base layer.tar"] = base_layer_sha(hcache)
+                shutil.rmtree(hcache)
+                log(f"ZB: zstd -3 -T2 of the stream tar{wtag}")
+                results["ZB"].append(run(["zstd", "-3", "-T2", "-q", "-f", str(stream), "-o",
+                                          str(floor_dir / "stream.tar.zst")],
+                                         env={}, log_to=logf))
+                (floor_dir / "stream.tar.zst").unlink()
                 log(f"warm rebuild, nothing changed{wtag}")
+                cmd = cli_cmd(recipe, out_dir, cache)
                 r = run(cmd, env=env, log_to=logf, stdout=rundir / "warm.json",
                         rusage_file=rundir / "warm.rusage", shown=cli_shown(cmd))
                 results["warm"].append(r)
+                hashes["warm rootfs.tar.zst (generation 0)"] = artifact(r).get("sha256", "?")
                 built = [x for x in r.summary.get("layers", []) if x["cache"] == "built"]
                 if built or r.summary.get("appliance_launches"):
                     log(f"WARNING: warm build rebuilt {built} / launched the appliance")
@@ -552,36 +642,35 @@ def main() -> int:
                 r = run(cmd, env=env, log_to=logf, stdout=rundir / "warm2.json",
                         rusage_file=rundir / "warm2.rusage", shown=cli_shown(cmd))
                 results["warm2"].append(r)
+                hashes[f"warm' rootfs.tar.zst (generation {changes})"] = \
+                    artifact(r).get("sha256", "?")
                 built = [x["kind"] for x in r.summary.get("layers", [])
                          if x["cache"] == "built"]
                 if built != ["overlay"]:
                     log(f"WARNING: expected only the overlay layer rebuilt, got {built}")
-                log(f"zstd -3 -T2 floor{wtag}")
+                log(f"Z: zstd -3 -T2 of the finished tar{wtag}")
                 results["zstd"].append(run(["zstd", "-3", "-T2", "-q", "-f", str(plain), "-o",
                                             str(floor_dir / "rootfs.tar.zst")],
                                            env={}, log_to=logf))
-            shutil.rmtree(floor_dir)
+            (overlay / "etc" / "bench" / "changing.conf").write_text("generation = 0\n")
+            if small is not None:
+                scache = rundir / "cache-small"
+                shutil.rmtree(scache, ignore_errors=True)
+                scache.mkdir()
+                log(f"cold build of the {args.small_gb:g} GB base (peak RSS){tag}")
+                cmd = cli_cmd(recipe_for(small[0], "small"), rundir / "out-small", scache, "-v")
+                results["small"].append(run(cmd, env=env, log_to=logf,
+                                            stdout=rundir / "small.json",
+                                            rusage_file=rundir / "small.rusage",
+                                            shown=cli_shown(cmd), timeline=[]))
+                shutil.rmtree(scache)
             if not args.keep and rep + 1 < args.repeat:
                 shutil.rmtree(cache)
+        load.append(f"after: {uptime()}")
 
         if args.profile:
-            rate = 100
-            for name, fresh in (("cold", True), ("warm", False)):
-                cache = rundir / "cache-profile"
-                if fresh and cache.exists():
-                    shutil.rmtree(cache)
-                cache.mkdir(exist_ok=True)
-                raw = workdir / f"profile-{name}.txt"
-                log(f"py-spy record: {name} build (not timed; -v for a phase timeline)")
-                cmd = cli_cmd(recipe, out_dir, cache, "-v")
-                timeline: list[str] = []
-                r = run([str(PY_SPY), "record", "--nonblocking", "-r", str(rate), "-f", "raw",
-                         "-o", str(raw), "--", *cmd], env=env, log_to=logf,
-                        rusage_file=rundir / "profile.rusage", timeline=timeline,
-                        shown=f"py-spy record ... -- {cli_shown(cmd)}")
-                profiles[name] = [f"py-spy, {name} build, {r.seconds:.1f} s wall ({raw}):",
-                                  *profile_summary(raw, rate), "  timeline (-v):",
-                                  *(f"    {t}" for t in timeline if "py-spy" not in t)]
+            profiles.update(run_profiles(rundir, recipe, out_dir, stream, baseinfo, env, logf,
+                                         workdir))
     except KeyboardInterrupt:
         if _current is not None and _current.poll() is None:
             _current.terminate()
@@ -595,15 +684,112 @@ def main() -> int:
         else:
             shutil.rmtree(rundir, ignore_errors=True)
 
-    report(args, info, results, sizes, profiles, workdir)
+    report(args, info, small[1] if small else None, results, sizes, hashes, profiles, load,
+           workdir)
     return 0
 
 
-def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, list[Run]],
-           sizes: dict[str, int], profiles: dict[str, list[str]], workdir: Path) -> None:
+def uptime() -> str:
+    with open("/proc/loadavg") as f:
+        one, five, fifteen = f.read().split()[:3]
+    return f"load average {one}, {five}, {fifteen}"
+
+
+def run_profiles(rundir: Path, recipe: Path, out_dir: Path, stream: Path, baseinfo: Path,
+                 env: dict[str, str], logf: Path, workdir: Path) -> dict[str, list[str]]:
+    """py-spy on extra, untimed runs: a cold build, the host side alone, a warm build."""
+    rate = 100
+    profiles: dict[str, list[str]] = {}
+    cache = rundir / "cache-profile"
+    for name in ("cold", "host", "warm"):
+        if name != "warm":
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir()
+        raw = workdir / f"profile-{name}.txt"
+        log(f"py-spy record: {name} build (not timed)")
+        cmd = (host_only_cmd(stream, baseinfo, recipe, out_dir, cache, "-v") if name == "host"
+               else cli_cmd(recipe, out_dir, cache, "-v"))
+        r = run([str(PY_SPY), "record", "--nonblocking", "--threads", "-r", str(rate), "-f",
+                 "raw", "-o", str(raw), "--", *cmd], env=env, log_to=logf,
+                rusage_file=rundir / "profile.rusage", timeline=[],
+                shown=f"py-spy record ... -- {cli_shown(cmd)}")
+        profiles[name] = [f"py-spy, {name} build, {r.seconds:.1f} s wall ({raw}):",
+                          *profile_summary(raw, rate)]
+    return profiles
+
+
+# ---------------------------------------------------------------------------
+# the report
+
+
+_STAMP = re.compile(r"^\[\s*([0-9.]+) s\] (.*)$")
+
+
+def timeline_events(r: Run) -> dict[str, Any]:
+    """Times (s from the start) of the -v lines that mark phases, and the
+    numbers of the extraction profile line."""
+    ev: dict[str, Any] = {}
+    for line in r.timeline:
+        m = _STAMP.match(line)
+        if not m:
+            continue
+        t, text = float(m.group(1)), m.group(2)
+        if "starting the appliance for base image" in text and "launch" not in ev:
+            ev["launch"] = t
+        elif "extraction profile:" in text:
+            ev["profile"] = {k: float(v) for k, v in
+                             re.findall(r"(\w+)=([0-9.]+)", text.split("profile:", 1)[1])}
+        elif re.search(r"rootfs-build: base layer .*: (built|from cache)", text):
+            ev["base_done"] = t
+        elif "rootfs-build: writing rootfs." in text:
+            ev["assembly"] = t
+        elif "rootfs-build: wrote rootfs." in text:
+            ev["written"] = t
+            m2 = re.search(r"\(([0-9.]+) s of it finishing", text)
+            ev["drain"] = float(m2.group(1)) if m2 else 0.0
+    return ev
+
+
+def phase_rows(r: Run, label: str) -> list[str]:
+    """The phases of a cold build (or the host-only run) from its -v lines."""
+    ev = timeline_events(r)
+    p = ev.get("profile")
+    if p is None or "launch" not in ev:
+        return [f"  ({label}: no -v timeline)"]
+    t0 = ev["launch"] - 0.0
+    rows = [("before the appliance (recipe, base image sha256, qemu-img check)", 0.0, t0)]
+    at = t0
+    for key, what in (("launch", "appliance launch"), ("inspect", "inspection and mounts")):
+        rows.append((what, at, at + p[key]))
+        at += p[key]
+    first, last = t0 + p["stream_first"], t0 + p["stream_last"]
+    rows.append(("in-guest tar until its first bytes arrive", at, first))
+    rows.append(("stream: in-guest read + transfer, host side overlapped", first, last))
+    rows.append(("host side after the stream's end (rest of the layer, index, fsync)", last,
+                 t0 + p["layer_done"]))
+    rows.append(("appliance shutdown", t0 + p["layer_done"], t0 + p["appliance_closed"]))
+    asm = ev.get("assembly", r.seconds)
+    rows.append(("cache entry, other layers, tree", t0 + p["appliance_closed"], asm))
+    written = ev.get("written", r.seconds)
+    rows.append(("assembly + zstd + sha256 + writing rootfs.tar.zst", asm, written))
+    rows.append(("manifest, SHA256SUMS, fsync, publish, exit", written, r.seconds))
+    out = [f"  {label} phases (s from start; -v timeline):"]
+    for what, a, b in rows:
+        out.append(f"    {a:7.1f} -> {b:7.1f}  {b - a:6.1f}  {what}")
+    host = p["read_cpu"] + p["parse_cpu"] + p["write_cpu"]
+    span = max(p["stream_last"] - p["stream_first"], 1e-9)
+    out.append(f"    overlap: during the {span:.1f} s stream the host side used {host:.1f} s "
+               f"of CPU (read {p['read_cpu']:.1f}, parse+normalize {p['parse_cpu']:.1f}, "
+               f"hash+write {p['write_cpu']:.1f}) on 3 threads and waited {p['waited']:.1f} s "
+               f"for data; index {p['index_cpu']:.2f} s CPU after it; compression drained "
+               f"{ev.get('drain', 0.0):.1f} s after the last byte assembled")
+    return out
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str, Any] | None,
+           results: dict[str, list[Run]], sizes: dict[str, int], hashes: dict[str, str],
+           profiles: dict[str, list[str]], load: list[str], workdir: Path) -> None:
     med = {k: median(v) for k, v in results.items()}
-    a, b, c = med["A"].seconds, med["B"].seconds, med["C"].seconds
-    floor = med["zstd"].seconds
     rows: list[tuple[str, float, str, str, str]] = []
     verdicts = []
 
@@ -615,14 +801,28 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, li
         verdicts.append(ok)
         return "PASS" if ok else "FAIL"
 
-    rows.append(("A  virt-tar-out -a IMG / (1 vCPU, no xattrs)", a, "", "", ""))
-    rows.append(("B  guestfish --smp 2 tar-out / (no xattrs)", b, ratio(b, a) + " of A", "", ""))
-    rows.append(("C  B + numericowner,xattrs,selinux,acls", c, ratio(c, a) + " of A", "", ""))
+    f_run, t_run = med["F"], med["T"]
+    f, t = f_run.seconds, t_run.seconds
+    fs, ts = f_run.summary.get("seconds", {}), t_run.summary.get("seconds", {})
     cold = med["cold"].seconds
-    rows.append(("cold build, tar.zst, empty cache", cold, ratio(cold, a) + " of A",
-                 f"<= {TARGETS['cold']}x A", check(cold, a, TARGETS["cold"])))
-    rows.append(("   (same, against B / C)", cold, f"{ratio(cold, b)} B, {ratio(cold, c)} C",
-                 "info", ""))
+    a = med["A"].seconds if "A" in med else None
+    if a is not None:
+        rows.append(("A  virt-tar-out -a IMG / (1 vCPU, no xattrs)", a, "", "", ""))
+    rows.append(("F  libguestfs floor: launch+inspect+tar|cat, 2 vCPU", f,
+                 (ratio(f, a) + " of A") if a else "", "", ""))
+    rows.append(("T  F, the tree sent to the host (tar_out)", t,
+                 (ratio(t, a) + " of A") if a else "", "", ""))
+    if a is not None:
+        rows.append(("cold build, tar.zst, empty cache", cold, ratio(cold, a) + " of A",
+                     f"<= {TARGETS['cold']}x A", check(cold, a, TARGETS["cold"])))
+    rows.append(("   (same, against the floor F)", cold, ratio(cold, f) + " of F",
+                 f"<= {TARGETS['cold_floor']}x F", check(cold, f, TARGETS["cold_floor"])))
+    zb = med["ZB"].seconds
+    rows.append(("ZB zstd -3 -T2 of the stream tar", zb, "", "", ""))
+    h = med["H"].seconds
+    rows.append(("H  host side only: cold build fed the stream tar", h, ratio(h, zb) + " of ZB",
+                 f"<= {TARGETS['host']}x ZB", check(h, zb, TARGETS["host"])))
+    floor = med["zstd"].seconds
     rows.append(("Z  zstd -3 -T2 of the finished tar", floor, "", "", ""))
     for key, label in (("warm", "warm rebuild, nothing changed"),
                        ("warm2", "warm rebuild, 1 overlay file changed")):
@@ -634,61 +834,97 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, li
     width = max(len(r[0]) for r in rows)
     out = [f"rootfs-build benchmark: {info['files']} files + {info['symlinks']} symlinks, "
            f"{info['file_bytes'] / 1e9:.2f} GB of file data"
-           f"{', SELinux-labelled' if info.get('selinux_labels') else ''}; "
-           f"rootfs tar {sizes['rootfs.tar'] / 1e9:.2f} GB -> tar.zst "
-           f"{sizes['rootfs.tar.zst'] / 1e9:.2f} GB; accel={args.accel}; "
-           f"medians of {n} cold and {n * args.warm_repeat} warm/zstd runs",
-           f"image {info['image']}", "",
+           f"{', SELinux-labelled' if info.get('selinux_labels') else ''}; stream tar "
+           f"{sizes['stream tar'] / 1e9:.2f} GB; rootfs tar {sizes['rootfs.tar'] / 1e9:.2f} GB "
+           f"-> tar.zst {sizes['rootfs.tar.zst'] / 1e9:.2f} GB; accel={args.accel}; "
+           f"medians of {n} cold and {n * args.warm_repeat} short runs",
+           f"image {info['image']}", *load, "",
            f"{'step':<{width}}  {'seconds':>8}  {'ratio':<18}  {'target':<12}  result",
            "-" * (width + 52)]
     for label, secs, rat, target, verdict in rows:
         out.append(f"{label:<{width}}  {secs:8.1f}  {rat:<18}  {target:<12}  {verdict}")
     out.append("")
-    out.append(f"{'peak RSS (rootfs-build Python process)':<{width}}  {'MB':>8}  "
-               f"{'qemu (child) MB':<18}  {'target':<12}  result")
+    out.append("Where the cold build's time goes, against its floors:")
+    out.append(f"  F: launch {fs.get('launch', 0):.1f} s, inspection {fs.get('inspect', 0):.1f}"
+               f" s, in-guest tar | cat {fs.get('read', 0):.1f} s, shutdown "
+               f"{fs.get('shutdown', 0):.1f} s")
+    out.append(f"  T: launch {ts.get('launch', 0):.1f} s, inspection {ts.get('inspect', 0):.1f}"
+               f" s, tar_out to the host {ts.get('read', 0):.1f} s: the transfer costs "
+               f"{ts.get('read', 0) - fs.get('read', 0):+.1f} s over the in-guest read")
+    out += phase_rows(med["cold"], "cold build")
+    out += phase_rows(med["H"], "host side only (H)")
+    out.append("")
+    out.append(f"{'peak RSS, rootfs-build Python process':<{width}}  {'MB':>8}  "
+               f"{'entries':<18}  {'target':<12}  result")
     out.append("-" * (width + 52))
-    for key, label in (("cold", "cold build"), ("warm", "warm rebuild, nothing changed"),
+
+    def rss(r: Run) -> float:
+        return float(r.rusage.get("self_maxrss_kb", 0)) / 1024
+
+    def entries(r: Run) -> int:
+        return int(r.summary.get("entries", 0))
+
+    big = max(rss(r) for r in results["cold"])
+    ok = big <= TARGETS["rss_mb"]
+    verdicts.append(ok)
+    out.append(f"{'cold build, ' + format(args.size_gb, 'g') + ' GB base':<{width}}  {big:8.0f}  "
+               f"{entries(med['cold']):<18}  {'<= ' + str(TARGETS['rss_mb']) + ' MB':<12}  "
+               f"{'PASS' if ok else 'FAIL'}")
+    if "small" in results:
+        little = max(rss(r) for r in results["small"])
+        flat = little >= big * (1 - TARGETS["rss_flat"])
+        verdicts.append(flat)
+        out.append(f"{'cold build, ' + format(args.small_gb, 'g') + ' GB base':<{width}}  "
+                   f"{little:8.0f}  {entries(med['small']):<18}  "
+                   f"{'>= ' + format(1 - TARGETS['rss_flat'], '.0%') + ' of 1 GB':<12}  "
+                   f"{'PASS' if flat else 'FAIL'}")
+        d_entries = entries(med["cold"]) - entries(med["small"])
+        if d_entries > 0:
+            out.append(f"  bytes of peak RSS per extra entry: "
+                       f"{(big - little) * 1024 * 1024 / d_entries:.0f} "
+                       f"(({big:.0f} - {little:.0f}) MB over {d_entries} entries); "
+                       f"the layer index on disk: {sizes.get('index bytes per entry', 0)} "
+                       "bytes per entry")
+    for key, label in (("H", "host side only"), ("warm", "warm rebuild, nothing changed"),
                        ("warm2", "warm rebuild, 1 overlay file changed")):
-        runs = results[key]
-        rss = max(r.rusage.get("self_maxrss_kb", 0) for r in runs) / 1024
-        # A forked child starts with its parent's RSS, so the children's peak
-        # means qemu only when qemu ran (it dwarfs the Python process).
-        qemu_runs = [r for r in runs if r.rusage.get("children_cpu", 0) > 1]
-        qemu = (f"{max(r.rusage['children_maxrss_kb'] for r in qemu_runs) / 1024:.0f}"
-                if qemu_runs else "- (no appliance)")
-        ok = rss <= TARGETS["rss_mb"]
-        verdicts.append(ok)
-        out.append(f"{label:<{width}}  {rss:8.0f}  {qemu:<18}  "
-                   f"{'<= ' + str(TARGETS['rss_mb']) + ' MB':<12}  {'PASS' if ok else 'FAIL'}")
+        out.append(f"{label:<{width}}  {max(rss(r) for r in results[key]):8.0f}")
+    qemu = max(r.rusage.get("children_maxrss_kb", 0) for r in results["cold"]) / 1024
+    memsize = f_run.summary.get("memsize_mb", "?")
+    out.append(f"appliance (qemu, a child process; not in the figures above): peak RSS "
+               f"{qemu:.0f} MB, guest memory {memsize} MB (libguestfs' default, unchanged), "
+               f"{f_run.summary.get('smp', '?')} vCPUs")
+    out.append("")
+    out.append("Artifacts (sha256):")
+    for what, digest in hashes.items():
+        out.append(f"  {digest}  {what}")
     out.append("")
     out.append("CPU seconds (user+sys) during each step; 'others' is what the rest of the")
     out.append("machine used meanwhile, in average busy cores (2 cores here): above ~0.1 the")
     out.append("step competed for CPU and its time is inflated.")
     noisy = []
-    for key, label in (("A", "A"), ("B", "B"), ("C", "C"), ("cold", "cold"), ("warm", "warm"),
-                       ("warm2", "warm'"), ("zstd", "Z")):
+    for key, label in (("A", "A"), ("F", "F"), ("T", "T"), ("cold", "cold"), ("H", "H"),
+                       ("ZB", "ZB"), ("warm", "warm"), ("warm2", "warm'"), ("zstd", "Z"),
+                       ("small", "small")):
+        if key not in med:
+            continue
         r = med[key]
         if r.rusage:
             own = (f"python {r.rusage.get('self_cpu', 0):6.1f}  qemu+children "
                    f"{r.rusage.get('children_cpu', 0):6.1f}")
         else:
             own = f"process tree {r.cpu:6.1f}"
-        load = r.others / r.seconds
-        if load > 0.1:
+        busy = r.others / r.seconds
+        if busy > 0.1:
             noisy.append(label)
-        out.append(f"  {label:5} wall {r.seconds:6.1f}  {own:<38}  others {load:4.2f} cores")
-    cold_cpu = med["cold"].rusage.get("self_cpu", 0) + med["cold"].rusage.get("children_cpu", 0)
-    out.append(f"  CPU ratios (less sensitive to a busy machine than wall time): cold/C "
-               f"{cold_cpu / max(med['C'].cpu, 1e-9):.2f}x, cold/A "
-               f"{cold_cpu / max(med['A'].cpu, 1e-9):.2f}x, warm/Z "
-               f"{med['warm'].rusage.get('self_cpu', 0) / max(med['zstd'].cpu, 1e-9):.2f}x")
+        out.append(f"  {label:5} wall {r.seconds:6.1f}  {own:<38}  others {busy:4.2f} cores")
     if noisy:
         out.append(f"WARNING: other processes were busy during {', '.join(noisy)}: "
                    "rerun on a quiet machine (or with --repeat) before trusting the ratios")
     if n > 1 or args.warm_repeat > 1:
         out.append("all runs (s): " + "; ".join(
             f"{k} " + " ".join(f"{r.seconds:.1f}" for r in results[k])
-            for k in ("A", "B", "C", "cold", "warm", "warm2", "zstd")))
+            for k in ("A", "F", "T", "cold", "H", "ZB", "warm", "warm2", "zstd", "small")
+            if k in results))
     out.append("")
     out.append(f"overall: {'PASS' if all(verdicts) else 'FAIL'} "
                f"({sum(verdicts)}/{len(verdicts)} targets met)")
@@ -700,7 +936,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, li
     (workdir / "last-result.txt").write_text(text + "\n")
     doc = {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()}
     (workdir / "last-result.json").write_text(
-        json.dumps({"image": info, "sizes": sizes, "runs": doc}, indent=1) + "\n")
+        json.dumps({"image": info, "small": small_info, "sizes": sizes, "hashes": hashes,
+                    "runs": doc}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

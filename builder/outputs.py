@@ -25,6 +25,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import zstandard
 
+from . import ui
 from .errors import UserError
 from .hashing import sha256_file
 from .pipeline import BackgroundFile
@@ -235,7 +237,6 @@ class OutputDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                from . import ui
                 ui.step(f"waiting for another build of '{self.name}' in {self.root}")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -328,9 +329,16 @@ def open_sinks(directory: Path, formats: list[str]) -> Iterator[Tee]:
         Tee(sinks).abort()
         raise
     tee = Tee(sinks)
+    names = ", ".join(f"rootfs.{fmt}" for fmt in formats)
+    ui.info(f"writing {names}")
+    start = time.monotonic()
     try:
         yield tee
     except BaseException:
         tee.abort()
         raise
+    fed = time.monotonic()
     tee.close()
+    done = time.monotonic()
+    ui.info(f"wrote {names} in {done - start:.2f} s ({done - fed:.2f} s of it finishing "
+            "the compression and the disk writes after the last byte)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -1,0 +1,102 @@
+"""builder.pipeline: files written on a worker thread and streams read ahead
+keep every byte and every error; the layer writer's sparse case, which takes
+data the worker already wrote back out of layer.tar."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import unit_helpers as h
+from unit_helpers import Spec
+
+from builder import tarfmt
+from builder.layer import Layer, build_layer_from_tar
+from builder.pipeline import BATCH, BackgroundFile, ReadAhead, written_digest
+
+
+def test_background_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
+    pieces = [os.urandom(n) for n in (1, 100, BATCH - 1, BATCH, 3 * BATCH + 7, 5, 0, 4096)]
+    f = BackgroundFile(tmp_path / "out")
+    for p in pieces:
+        f.write(memoryview(p) if len(p) % 2 else p)
+    f.close()
+    whole = b"".join(pieces)
+    assert (tmp_path / "out").read_bytes() == whole
+    assert f.size == len(whole) and f.sha.hexdigest() == hashlib.sha256(whole).hexdigest()
+    assert written_digest(tmp_path / "out") == f.sha.hexdigest()
+    os.utime(tmp_path / "out", ns=(0, 0))   # changed since: not vouched for any more
+    assert written_digest(tmp_path / "out") is None
+
+
+def test_background_file_rollback_copies_out_and_restores_the_hash(tmp_path: Path) -> None:
+    f = BackgroundFile(tmp_path / "out")
+    f.write(b"head")
+    mark = f.mark()
+    f.write(b"HDR!")
+    tail = os.urandom(3 * BATCH)
+    f.write(tail)
+    with open(tmp_path / "spool", "w+b") as spool:
+        f.rollback(mark, spool=spool, keep_from=mark.size + 4)
+        spool.seek(0)
+        assert spool.read() == tail
+    f.write(b"again")
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"headagain"
+    assert f.sha.hexdigest() == hashlib.sha256(b"headagain").hexdigest()
+
+
+def test_a_full_disk_surfaces_as_the_callers_error() -> None:
+    f = BackgroundFile(Path("/dev/full"))
+    with pytest.raises(OSError) as info:
+        for _ in range(64):
+            f.write(bytes(BATCH))
+        f.close()
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_read_ahead_returns_the_stream_and_its_errors() -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    ahead = ReadAhead(io.BytesIO(data), block=1 << 20)
+    got = []
+    while chunk := ahead.read(300_000):
+        got.append(chunk)
+    assert b"".join(got) == data and ahead.read() == b""
+
+    class Broken(io.RawIOBase):
+        def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+            raise OSError(errno.EIO, "the appliance went away")
+
+    ahead = ReadAhead(Broken())  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="appliance went away"):
+        ahead.read()
+
+
+def test_a_hole_found_after_the_writer_took_megabytes(tmp_path: Path) -> None:
+    """The first all-zero grain comes after several read chunks, which the
+    worker already hashed and wrote: they come back out of layer.tar, and the
+    layer is what a dense read of the whole file gives."""
+    content = os.urandom(3 * tarfmt.READ_CHUNK + 5) + bytes(3 * tarfmt.HOLE_GRAIN) + b"end"
+    dense = h.normalize(h.write_with_tarfile([Spec(b"f", "reg", content=content),
+                                              Spec(b"g", "reg", content=b"after")]))
+    got = {m.name: (m, data) for m, data in tarfmt.read_all(dense)}
+    m, data = got[b"f"]
+    expected = tarfmt.spool_and_scan(io.BytesIO(content).read, len(content), io.BytesIO())
+    assert expected is not None and m.sparse == expected
+    assert data == b"".join(content[o:o + n] for o, n in expected)
+    assert got[b"g"][1] == b"after"
+    d = tmp_path / "layer"
+    d.mkdir()
+    summary = build_layer_from_tar(io.BytesIO(h.write_with_tarfile(
+        [Spec(b"f", "reg", content=content)])), d, mtime_policy="clamp", source="t")
+    assert summary["tar_sha256"] == hashlib.sha256((d / "layer.tar").read_bytes()).hexdigest()
+    lay = Layer(d, "t")
+    try:
+        (entry,) = [e for e in lay.entries if e.name == b"f"]
+        assert lay.member(entry).sparse == m.sparse
+    finally:
+        lay.close()
