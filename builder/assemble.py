@@ -460,17 +460,55 @@ class _Backbone:
         self._next_stop = k
 
     def _verbatim(self, lo: int, hi: int) -> None:
-        offsets, lengths, base = self.base.offsets, self.base.lengths, self.base
+        offsets, lengths = self.base.offsets, self.base.lengths
+        gather = _Gather(self.base, self.write)
         start = end = offsets[lo]
         for i in range(lo, hi):
             off = offsets[i]
             if off != end:
-                _copy_range(base, start, end - start, self.write)
+                gather.copy(start, end - start)
                 start = end = off
             end += lengths[i]
-        _copy_range(base, start, end - start, self.write)
+        gather.copy(start, end - start)
+        gather.flush()
         self.stats.entries += hi - lo
         self.stats.copied_verbatim += hi - lo
+
+
+class _Gather:
+    """Reads byte ranges of a layer straight into 1 MiB blocks (one pread
+    each, no intermediate bytes objects) and hands each block over whole;
+    ranges longer than a block go out in their own reads."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, layer: Layer, write: Callable[[bytes], None]):
+        self.layer = layer
+        self.fd = layer.file().fileno()
+        self.write = write
+        self.buf = bytearray(self.BLOCK)
+        self.used = 0
+
+    def copy(self, offset: int, length: int) -> None:
+        if length > self.BLOCK // 2:
+            self.flush()
+            _copy_range(self.layer, offset, length, self.write)
+            return
+        if self.used + length > self.BLOCK:
+            self.flush()
+        view = memoryview(self.buf)[self.used:self.used + length]
+        got = os.preadv(self.fd, [view], offset)
+        if got != length:
+            raise UserError(f"{self.layer.tar_path}: cache entry is shorter than its index",
+                            hint="run again with --no-cache or prune the cache")
+        self.used += length
+
+    def flush(self) -> None:
+        if self.used:
+            block, self.buf = self.buf, bytearray(self.BLOCK)
+            del block[self.used:]
+            self.used = 0
+            self.write(block)  # type: ignore[arg-type]
 
 
 def assemble(layers: Iterable[Layer], epoch: int, sink: Sink) -> AssemblyStats:

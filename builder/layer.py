@@ -345,7 +345,7 @@ class LayerWriter:
         names, links = bytearray(), bytearray()
         for i, k in enumerate(keys):
             row = rows[k]
-            names += k
+            names += k.replace(b"\0", b"/")   # the key's name (no name holds a NUL)
             name_end.append(len(names))
             link = self._links.get(row)
             if link:
@@ -357,16 +357,16 @@ class LayerWriter:
             header_len.append(self._header_len[row])
             types[i] = self._type[row]
             weak[i] = self._weak[row]
-        names[:] = names.replace(b"\0", b"/")   # keys -> names (no name holds a NUL)
         with open(self.directory / INDEX_BIN, "wb") as f:
             f.write(_HEAD.pack(_MAGIC, n, len(names), len(links)))
             for col in (name_end, offset, length, mtime, link_end, header_len):
                 if sys.byteorder != "little":
                     col.byteswap()
-                packed = col.tobytes()
-                f.write(packed + bytes(_pad8(len(packed))))
+                f.write(col)
+                f.write(bytes(_pad8(len(col) * col.itemsize)))
             for raw in (types, weak, names, links):
-                f.write(bytes(raw) + bytes(_pad8(len(raw))))
+                f.write(raw)
+                f.write(bytes(_pad8(len(raw))))
             f.flush()
             os.fsync(f.fileno())
 
@@ -424,8 +424,8 @@ class _Columns:
         self.header_len = part(n, "I", 4)
         self.types = bytes(part(n, "B", 1))
         self.weak = part(n, "B", 1)
-        self.names = bytes(part(names_len, "B", 1))
-        self.links = bytes(part(links_len, "B", 1))
+        self.names = part(names_len, "B", 1)    # views: the file's bytes are held once
+        self.links = part(links_len, "B", 1)
 
 
 class _Entries(Sequence[IndexEntry]):
@@ -491,11 +491,11 @@ class Layer:
     # -- entries by position --------------------------------------------------
     def name(self, i: int) -> bytes:
         end = self._cols.name_end
-        return self._cols.names[end[i - 1] if i else 0:end[i]]
+        return bytes(self._cols.names[end[i - 1] if i else 0:end[i]])
 
     def linkname(self, i: int) -> bytes:
         end = self._cols.link_end
-        return self._cols.links[end[i - 1] if i else 0:end[i]]
+        return bytes(self._cols.links[end[i - 1] if i else 0:end[i]])
 
     def type(self, i: int) -> bytes:
         return self.types[i:i + 1]

@@ -43,7 +43,7 @@ ZSTD_LEVEL = 3
 ZSTD_WORKERS = 2
 BUFFER = 1 << 20
 _DIRECT = BUFFER // 4       # writes at least this large skip the Tee's buffer
-_FEED_DEPTH = 8             # blocks queued for a compressor
+_FEED_DEPTH = 3             # blocks queued for a compressor
 
 
 def compression_versions() -> dict[str, str]:

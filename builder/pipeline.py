@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 BATCH = 256 << 10             # small writes are gathered up to this before a hand-over
-DEPTH = 16                    # hand-overs in flight (so at most ~DEPTH x BATCH bytes held)
+DEPTH = 4                     # hand-overs in flight (each at most ~1 MiB: bounded memory)
 WRITEBACK_EVERY = 16 << 20    # start the disk writing every this many bytes
 READ_BLOCK = 1 << 20
 
@@ -242,7 +242,7 @@ class ReadAhead:
     every block it takes.  close() stops the worker (it may still be blocked
     in a read of `f` until the producer writes or closes)."""
 
-    def __init__(self, f: BinaryIO, *, block: int = READ_BLOCK, depth: int = 8,
+    def __init__(self, f: BinaryIO, *, block: int = READ_BLOCK, depth: int = 4,
                  on_block: Callable[[int], None] | None = None):
         self.f = f
         self.block = block

@@ -23,6 +23,7 @@ becomes the same bytes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 import zlib
@@ -159,12 +160,23 @@ def _ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: i
     return block[:148] + b"%06o\0 " % block_sum(block) + block[156:]
 
 
+@functools.lru_cache(maxsize=1024)
+def _pax_header_block(length: int) -> bytes:
+    """The ustar block announcing `length` bytes of pax records (the same
+    for every member whose records are that long)."""
+    return _ustar_block(_PAX_NAME, 0o644, 0, 0, length, 0, b"x", b"", 0, 0)
+
+
 def _fits(field: bytes, width: int) -> bool:
     return len(field) <= width and field.isascii() and b"\0" not in field
 
 
+_PADDING = [bytes(n) for n in range(BLOCK)]
+
+
 def padding(n: int) -> bytes:
-    return bytes(-n % BLOCK)
+    """The zeros that follow `n` bytes of data up to a block boundary."""
+    return _PADDING[-n % BLOCK]
 
 
 def sparse_map_block(segments: list[tuple[int, int]]) -> bytes:
@@ -226,8 +238,7 @@ def encode_header(m: Member, *, for_libarchive: bool = False) -> bytes:
     out = b""
     if records:
         pax = b"".join(_pax_record(k, v) for k, v in records)
-        out = _ustar_block(_PAX_NAME, 0o644, 0, 0, len(pax), 0, b"x", b"", 0, 0)
-        out += pax + padding(len(pax))
+        out = _pax_header_block(len(pax)) + pax + padding(len(pax))
     ustar_size = size if size < _OCTAL_LIMITS[11] else 0
     if not ustar_name:
         ustar_name = arcname[:100] if arcname.isascii() else b"./@LongName"
@@ -282,8 +293,14 @@ def _parse_number(field: bytes) -> int:
         if field[0] & 0x40:
             value -= 1 << (8 * (len(field) - 1))
         return value
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    end = field.find(b"\0")
+    text = field if end < 0 else field[:end]
+    try:
+        return int(text, 8)   # int() skips the same surrounding whitespace strip() would
+    except ValueError:
+        if text.strip():
+            raise
+        return 0
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
