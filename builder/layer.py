@@ -118,7 +118,7 @@ class LayerWriter:
         if b"\0" in m.name:
             raise UserError(f"{self.source}: the name {m.name!r} holds a NUL byte, which no "
                             "path in a rootfs can")
-        key = tarfmt.sort_key(m.name)
+        key = m.name.replace(b"/", b"\0")   # tarfmt.sort_key
         if m.type == LNK:
             target = tarfmt.sort_key(m.linkname)
             row = self._rows.get(target)
@@ -128,7 +128,7 @@ class LayerWriter:
                     f"{m.linkname.decode('utf-8', 'replace')!r}, which is not a regular file "
                     "earlier in the stream")
             self._link_targets.add(target)
-        elif m.type != REG and key in self._link_targets:
+        elif self._link_targets and m.type != REG and key in self._link_targets:
             raise UserError(
                 f"{self.source}: {m.name.decode('utf-8', 'replace')!r} is the target of a hard "
                 f"link earlier in the stream, and a later member makes it a "
@@ -144,7 +144,12 @@ class LayerWriter:
                 header = tarfmt.encode_header(m)
                 header_len = len(header)
                 out.write(header)
-                self._copy(read, m.size, m.name)
+                data = read(m.size)
+                if len(data) == m.size:      # the usual case: all of it at once
+                    out.write(data)
+                else:
+                    out.write(data)
+                    self._copy(read, m.size - len(data), m.name)
                 out.write(tarfmt.padding(m.size))
             self.data_bytes += m.size
         else:

@@ -128,7 +128,9 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
+@functools.lru_cache(maxsize=4096)
 def _pax_record(key: bytes, value: bytes) -> bytes:
+    """One pax record (cached: a tree repeats the same few SELinux labels)."""
     payload = b" " + key + b"=" + value + b"\n"
     n = len(payload) + 1
     while len(b"%d" % n) + len(payload) != n:
@@ -233,8 +235,10 @@ def encode_header(m: Member, *, for_libarchive: bool = False) -> bytes:
         if m.type in (SYM, LNK) and not link:
             link = _LINK_PLACEHOLDER
     if m.type != LNK:
-        records += sorted(m.acls.items())
-        records += [(b"SCHILY.xattr." + k, v) for k, v in sorted(m.xattrs.items())]
+        if m.acls:
+            records += sorted(m.acls.items())
+        if m.xattrs:
+            records += [(b"SCHILY.xattr." + k, v) for k, v in sorted(m.xattrs.items())]
     out = b""
     if records:
         pax = b"".join(_pax_record(k, v) for k, v in records)
@@ -303,7 +307,10 @@ def _parse_number(field: bytes) -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header (cached, so callers must not change the
+    dict: most members of a tree carry one of a few identical headers)."""
     out: dict[bytes, bytes] = {}
     pos = 0
     while pos < len(data):
@@ -344,6 +351,8 @@ class TarReader:
         self._remaining = 0
         self._pad = 0
         self._global: dict[bytes, bytes] = {}
+        self._what_member = f"{source}: member"
+        self._what_link = f"{source}: hard link target"
 
     # -- the buffer ---------------------------------------------------------
     def _more(self) -> bool:
@@ -551,19 +560,22 @@ class TarReader:
             raise TarFormatError(f"{self.source}: malformed numeric field in tar header") from None
         # Only regular files keep data; a hard link's optional copy is skipped.
         stored = size if typeflag in (REG, LNK) else 0
-        for key, value in pax.items():
-            if key.startswith(b"SCHILY.xattr."):
-                m.xattrs[key[len(b"SCHILY.xattr."):]] = value
-            elif key in ACL_RECORDS:
-                m.acls[key] = value
-        for key, xattr in ACL_RECORDS.items():
-            raw = m.xattrs.pop(xattr, None)
-            if raw is not None:
-                m.acls[key] = self._acl_text(raw, name)
-        selinux = pax.get(b"RHT.security.selinux")
-        if selinux is not None and b"security.selinux" not in m.xattrs:
-            m.xattrs[b"security.selinux"] = selinux + b"\0"
-        if pax.get(b"GNU.sparse.major") == b"1" and pax.get(b"GNU.sparse.minor") == b"0":
+        if pax:
+            xattrs = m.xattrs
+            for key, value in pax.items():
+                if key.startswith(b"SCHILY.xattr."):
+                    xattrs[key[13:]] = value
+                elif key in ACL_RECORDS:
+                    m.acls[key] = value
+            if xattrs:
+                for key, xattr in ACL_RECORDS.items():
+                    raw = xattrs.pop(xattr, None)
+                    if raw is not None:
+                        m.acls[key] = self._acl_text(raw, name)
+            selinux = pax.get(b"RHT.security.selinux")
+            if selinux is not None and b"security.selinux" not in xattrs:
+                xattrs[b"security.selinux"] = selinux + b"\0"
+        if pax and pax.get(b"GNU.sparse.major") == b"1" and pax.get(b"GNU.sparse.minor") == b"0":
             name = pax.get(b"GNU.sparse.name", name)
             self._remaining = stored
             self._pad = -stored % BLOCK
@@ -572,16 +584,16 @@ class TarReader:
                 m.sparse = self._read_sparse_map()
             except (KeyError, ValueError):
                 raise TarFormatError(f"{self.source}: malformed pax sparse map") from None
-        elif b"GNU.sparse.map" in pax or typeflag == b"S":
+        elif typeflag == b"S" or (pax and b"GNU.sparse.map" in pax):
             raise TarFormatError(f"{self.source}: old GNU sparse formats are not supported",
                                  hint="write the tar with --format=posix")
         else:
             m.size = size if typeflag == REG else 0
             self._remaining = stored
             self._pad = -stored % BLOCK
-        m.name = normalize_name(name, what=f"{self.source}: member")
+        m.name = normalize_name(name, what=self._what_member)
         if typeflag == LNK:
-            m.linkname = normalize_name(linkname, what=f"{self.source}: hard link target")
+            m.linkname = normalize_name(linkname, what=self._what_link)
             m.xattrs.clear()  # inode data lives on the anchor
             m.acls.clear()
         elif typeflag == SYM:
