@@ -118,7 +118,7 @@ class Cache:
                     ui.step(f"waiting for another build to finish cache entry {key[:12]}")
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_SH)
-            if self.entry_dir(key).exists() and self._verify(key):
+            if self.entry_dir(key).exists() and self._check(key) is None:
                 return True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts the shared lock
