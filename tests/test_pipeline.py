@@ -100,3 +100,36 @@ def test_a_hole_found_after_the_writer_took_megabytes(tmp_path: Path) -> None:
         assert lay.member(entry).sparse == m.sparse
     finally:
         lay.close()
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out at most `n` bytes per read, as a pipe may."""
+
+    def __init__(self, data: bytes, n: int):
+        self.data, self.pos, self.n = data, 0, n
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        k = self.n if size < 0 else min(size, self.n)
+        out = self.data[self.pos:self.pos + k]
+        self.pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("n", [1, 7, 511, 512, 513, 4096, 65537])
+def test_tar_reader_reads_the_same_from_any_chunking(n: int) -> None:
+    """Headers, pax records, sparse maps and data straddling every possible
+    chunk boundary parse as from one piece."""
+    specs = [Spec(b"d", "dir"), Spec(b"d/" + b"long" * 40, "reg", content=b"x" * 1000),
+             Spec(b"s", "sym", link=b"t" * 150), Spec(b"z", "reg",
+                                                      content=b"a" + bytes(200000) + b"b"),
+             Spec(b"x", "reg", content=b"labelled", xattrs={b"user.k": b"v" * 300})]
+    for data in (h.write_with_tarfile(specs), h.write_with_tarfmt(specs)):
+        whole = tarfmt.read_all(data)
+        reader = tarfmt.TarReader(_Trickle(data, n), source="t", chunk=n)  # type: ignore[arg-type]
+        pieces = []
+        for m in reader:
+            content = b""
+            while chunk := reader.read_data(n + 3):
+                content += chunk
+            pieces.append((m, content))
+        assert pieces == whole
