@@ -459,6 +459,17 @@ def profile_summary(raw: Path, rate: int, top: int = 12) -> list[str]:
 # main
 
 
+def made_image(image: Path) -> dict[str, Any]:
+    """What base_image() recorded about an image it made (the .json beside it)."""
+    meta = image.with_suffix(".json")
+    if not meta.is_file():
+        raise SystemExit(f"bench: {meta} not found: --image takes an image this script made")
+    info: dict[str, Any] = json.loads(meta.read_text())
+    info["image"] = str(image.resolve())
+    log(f"base image given: {image}")
+    return info
+
+
 def stream_tar(workdir: Path, image: Path, env: dict[str, str], logf: Path
                ) -> tuple[Path, Path]:
     """What tar_out sends for `image` (and what inspection found), made once
@@ -509,6 +520,12 @@ def main() -> int:
     ap.add_argument("--small-gb", type=float, default=0.25, metavar="G",
                     help="also build a base of G GiB of the same shape (files in proportion) "
                          "for the peak RSS comparison (0: skip)")
+    ap.add_argument("--image", type=Path, metavar="QCOW2",
+                    help="use this base image made by an earlier run (its .json beside it) "
+                         "instead of picking host files: the comparison stays on the same "
+                         "image when the host's /usr changed meanwhile")
+    ap.add_argument("--small-image", type=Path, metavar="QCOW2",
+                    help="the same for the small base")
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rootfs-build-bench"),
                     help="where the base images are cached and runs happen")
     ap.add_argument("--keep", action="store_true", help="keep this run's outputs and caches")
@@ -537,9 +554,15 @@ def main() -> int:
     env = {"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"} if args.accel == "tcg" else {}
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    image, info = base_image(workdir, args.size_gb, args.files, selinux=args.selinux, env=env)
+    if args.image:
+        image, info = args.image.resolve(), made_image(args.image)
+    else:
+        image, info = base_image(workdir, args.size_gb, args.files, selinux=args.selinux,
+                                 env=env)
     small: tuple[Path, dict[str, Any]] | None = None
-    if args.small_gb > 0:
+    if args.small_image:
+        small = args.small_image.resolve(), made_image(args.small_image)
+    elif args.small_gb > 0:
         small = base_image(workdir, args.small_gb,
                            max(1, round(args.files * args.small_gb / args.size_gb)),
                            selinux=args.selinux, env=env)
