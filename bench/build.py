@@ -760,6 +760,7 @@ def timeline_events(r: Run) -> dict[str, Any]:
         if "starting the appliance for base image" in text and "launch" not in ev:
             ev["launch"] = t
         elif "extraction profile:" in text:
+            ev["profile_at"] = t
             ev["profile"] = {k: float(v) for k, v in
                              re.findall(r"(\w+)=([0-9.]+)", text.split("profile:", 1)[1])}
         elif re.search(r"rootfs-build: base layer .*: (built|from cache)", text):
@@ -777,9 +778,11 @@ def phase_rows(r: Run, label: str) -> list[str]:
     """The phases of a cold build (or the host-only run) from its -v lines."""
     ev = timeline_events(r)
     p = ev.get("profile")
-    if p is None or "launch" not in ev:
+    if p is None:
         return [f"  ({label}: no -v timeline)"]
-    t0 = ev["launch"] - 0.0
+    # the profile's times count from the launch's start, which its line's
+    # arrival (when the appliance had closed) dates
+    t0 = ev["profile_at"] - p["appliance_closed"]
     rows = [("before the appliance (recipe, base image sha256, qemu-img check)", 0.0, t0)]
     at = t0
     for key, what in (("launch", "appliance launch"), ("inspect", "inspection and mounts")):

@@ -128,9 +128,11 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=64)
 def _pax_record(key: bytes, value: bytes) -> bytes:
-    """One pax record (cached: a tree repeats the same few SELinux labels)."""
+    """One pax record (cached: a tree repeats the same few SELinux labels; a
+    small cache, since long-lived entries made during a whole extraction
+    keep the memory around them from going back to the system)."""
     payload = b" " + key + b"=" + value + b"\n"
     n = len(payload) + 1
     while len(b"%d" % n) + len(payload) != n:
@@ -162,7 +164,7 @@ def _ustar_block(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: i
     return block[:148] + b"%06o\0 " % block_sum(block) + block[156:]
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _pax_header_block(length: int) -> bytes:
     """The ustar block announcing `length` bytes of pax records (the same
     for every member whose records are that long)."""
@@ -307,7 +309,7 @@ def _parse_number(field: bytes) -> int:
         return 0
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     """The records of a pax header (cached, so callers must not change the
     dict: most members of a tree carry one of a few identical headers)."""
