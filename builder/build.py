@@ -35,6 +35,7 @@ from . import (
     elfinfo,
     filelayers,
     guestfs_io,
+    oci,
     outputs,
     sources,
     ui,
@@ -148,6 +149,7 @@ class Builder:
                                 hint="fix the path, or pass --set params.NAME=PATH")
             self.es = es
             self._prepare_deploy(es)
+            oci.check_recipe(self.recipe, bundle=self.recipe.bundle and self.deploy is not None)
             # Element files and overlays are planned (found, hashed, their
             # destinations checked) before any appliance starts.
             for el in es.elements:
@@ -536,8 +538,12 @@ class Builder:
         image_formats = [f for f in formats if f in IMAGE_FORMATS]
         scratch_tar = bool(image_formats) and "tar" not in tar_formats
         sink_formats = tar_formats + (["tar"] if scratch_tar else [])
+        oci_info = oci.ImageInfo.from_build(self.recipe, self.base_info.get("arch", ""),
+                                            self.inputs["base.image"]["sha256"], epoch)
         with outputs.open_sinks(staging, sink_formats) as tee, \
                 ui.bar("writing rootfs", None) as bar:
+            oci_layer = oci.layer_sink(staging, oci_info, formats, tee.sinks)
+
             def write(data: bytes) -> None:
                 tee.write(data)
                 bar.update(len(data))
@@ -548,6 +554,9 @@ class Builder:
             artifacts.append({"path": f"rootfs.{fmt}", "format": fmt,
                               "sha256": s.file.sha.hexdigest(), "size": s.file.size,
                               "reproducibility": "bit-identical"})
+        if oci_layer is not None:
+            image = oci.write_layout(staging / oci.LAYOUT_DIR, oci_layer, oci_info)
+            artifacts.append(image.artifact())
         if image_formats:
             from .images import ImageSpec, write_images
             spec = ImageSpec(name=self.recipe.name, epoch=epoch, size=self.recipe.image_size,
@@ -563,7 +572,8 @@ class Builder:
         if scratch_tar:
             (staging / "rootfs.tar").unlink()
         for a in artifacts:  # not the umask's business: the bundle records modes
-            os.chmod(staging / a["path"], 0o644)
+            if a["format"] != oci.FORMAT:   # a directory; write_layout sets its modes
+                os.chmod(staging / a["path"], 0o644)
         return artifacts, stats
 
     def manifest(self, es: elements.ElementSet, epoch: int, epoch_source: str,

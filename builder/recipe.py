@@ -22,7 +22,7 @@ from .errors import UserError
 MAX_RECIPE_BYTES = 1 << 20
 TAR_FORMATS = ("tar", "tar.gz", "tar.zst")
 IMAGE_FORMATS = ("squashfs", "raw", "qcow2")
-FORMATS = TAR_FORMATS + IMAGE_FORMATS
+FORMATS = TAR_FORMATS + IMAGE_FORMATS + ("oci",)
 
 _PATH = {"type": "string", "minLength": 1}
 _SCALAR = {"type": ["string", "integer", "number", "boolean", "null"]}
@@ -89,6 +89,9 @@ SCHEMA: dict[str, Any] = {
                 "headroom": {"type": "number", "minimum": 0, "maximum": 10},
                 "qcow2_compressed": {"type": "boolean"},
                 "bundle": {"type": "boolean"},
+                "oci_compression": {"enum": ["zstd", "gzip"]},
+                "oci_version": {"type": "string", "minLength": 1},
+                "oci_revision": {"type": "string", "minLength": 1},
             },
         },
     },
