@@ -12,7 +12,7 @@ packages=(
   squashfs-tools-ng libarchive13                                 # squashfs, mke2fs -d tar
   gcc libc6-dev binutils kmod file                               # demo inputs, checks
   shellcheck util-linux rpm                                      # tests: scripts, rpms
-  docker-registry skopeo apache2-utils openssl                   # tests: OCI registry, TLS, auth
+  docker-registry skopeo apache2-utils openssl python3-jwt       # tests: OCI registry, TLS, auth
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,10 @@ def push_output(directory: Path, ref: Reference, opts: Options) -> Transfer:
     from .registry import Timer
 
     timer = Timer()
-    if ref.digest or not ref.tag:
-        ref = ref.with_tag(ref.tag or "latest")
+    if ref.digest:
+        raise UserError(f"REF {ref}: push to a tag, not a digest (the digest is the image's)",
+                        hint="e.g. REPO:v1")
+    ref = ref.with_tag(ref.tag or "latest")
     tag_b = bundle_tag(ref.tag or "latest")
     build_manifest, files, image = _output_files(directory)
     name = values.check_name(build_manifest.get("name"))
@@ -236,13 +239,16 @@ def pull_output(ref: Reference, output_root: Path, opts: Options) -> Transfer:
 
     timer = Timer()
     if not ref.tag:
-        raise UserError(f"REF {ref}: pull needs a tag (the deployment files are found by "
-                        f"the tag + {BUNDLE_TAG_SUFFIX!r})", hint="e.g. REPO:v1")
+        if ref.digest:
+            raise UserError(f"REF {ref}: pull needs a tag (the deployment files are found by "
+                            f"the tag + {BUNDLE_TAG_SUFFIX!r})", hint="e.g. REPO:v1")
+        ref = ref.with_tag("latest")
     client = Client(ref, opts)
     client.ping()
     accept = oci.MEDIA_MANIFEST
     try:
-        data, media_type = client.get_manifest_bytes(ref, ref.digest or ref.tag, accept)
+        data, media_type = client.get_manifest_bytes(ref, ref.digest or ref.tag or "latest",
+                                                     accept)
     except NotFound:
         raise NotFound(f"{ref}: no such image", hint="check the reference; push it first"
                        ) from None
@@ -250,7 +256,7 @@ def pull_output(ref: Reference, output_root: Path, opts: Options) -> Transfer:
         raise RegistryError(f"{ref} is a {media_type}, not an image pushed by rootfs-build")
     image_digest = oci.sha256_digest(data)
     config, layers, _ = oci.parse_manifest(data, str(ref))
-    b_ref = ref.with_tag(bundle_tag(ref.tag))
+    b_ref = ref.with_tag(bundle_tag(ref.tag or "latest"))
     try:
         b_data, _ = client.get_manifest_bytes(b_ref, b_ref.tag or "", accept)
     except NotFound:
@@ -278,8 +284,14 @@ def pull_output(ref: Reference, output_root: Path, opts: Options) -> Transfer:
             os.chmod(blobs / image_digest.removeprefix("sha256:"), 0o644)
             known[f"{oci.LAYOUT_DIR}/blobs/sha256/{image_digest.removeprefix('sha256:')}"] = \
                 image_digest.removeprefix("sha256:")
+            have = {digest: stage / rel for rel, digest in known.items()}
             for rel, d, mode in bundle.files:
-                _fetch_to(client, b_ref, d, stage / rel, mode, bar.update)
+                if d.hex in have:   # e.g. rootfs.tar.zst: the layer, fetched and checked
+                    _copy_to(have[d.hex], stage / rel, mode)
+                    bar.update(d.size)
+                else:
+                    _fetch_to(client, b_ref, d, stage / rel, mode, bar.update)
+                    have[d.hex] = stage / rel
                 known[rel] = d.hex
         _check_pulled(stage, known, image_digest)
         if bundle.bundle_tar is not None:
@@ -304,6 +316,13 @@ def _fetch_to(client: Client, ref: Reference, d: oci.Descriptor, path: Path, mod
         client.fetch_blob(ref, d.digest, d.size, f.write, progress=progress)
     finally:
         f.close()
+    os.chmod(path, mode)
+
+
+def _copy_to(src: Path, path: Path, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o755)
+    shutil.copyfile(src, path)
     os.chmod(path, mode)
 
 

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import __version__, outputs
+from . import __version__, elfinfo, outputs
 from .errors import UserError
 from .hashing import CHUNK
 
@@ -148,6 +148,8 @@ class ImageInfo:
     def from_build(cls, recipe: Any, base_arch: str, base_sha256: str | None,
                    epoch: int) -> ImageInfo:
         output = recipe.data.get("output", {})
+        if base_arch in ("", "unknown") and recipe.base_arch:
+            base_arch = elfinfo.normalize_arch(recipe.base_arch)   # inspection could not tell
         return cls(arch=base_arch, epoch=epoch, title=recipe.name,
                    description=recipe.data.get("description"),
                    version=output.get("oci_version"), revision=output.get("oci_revision"),

@@ -83,7 +83,7 @@ class Stats:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
 
 
 class RemoteCache:
@@ -126,8 +126,8 @@ class RemoteCache:
     # -- reading ---------------------------------------------------------------
     def fetch(self, key: str, directory: Path) -> dict[str, Any] | None:
         """Fill `directory` (empty) with entry `key`'s files; returns
-        {"files", "info", "kind", "label"} or None (a miss, or a problem
-        already warned about; `directory` is left empty)."""
+        {"files", "info"} or None (a miss, or a problem already warned
+        about; `directory` is left empty)."""
         if not self.connect():
             return None
         assert self._client is not None
@@ -156,7 +156,14 @@ class RemoteCache:
         return doc
 
     def _fetch(self, client: Client, key: str, directory: Path) -> dict[str, Any]:
-        data, _ = client.get_manifest_bytes(self.ref, key, oci.MEDIA_MANIFEST)
+        data, _ = client.get_manifest_bytes(self.ref, key, oci.MEDIA_MANIFEST)  # NotFound: a miss
+        try:
+            return self._fetch_entry(client, key, directory, data)
+        except NotFound as e:
+            raise _Damaged(f"a blob it lists is missing: {e.message}") from None
+
+    def _fetch_entry(self, client: Client, key: str, directory: Path, data: bytes
+                     ) -> dict[str, Any]:
         try:
             config_desc, layers, _ = oci.parse_manifest(data, f"{self.ref}:{key[:12]}")
         except UserError as e:
@@ -188,8 +195,7 @@ class RemoteCache:
                 client.fetch_blob(self.ref, d.digest, d.size, sink.write)
             if sink.plain.size != want["size"] or sink.plain.sha.hexdigest() != want["sha256"]:
                 raise _Damaged(f"{name} does not match the sha256 its entry lists")
-        return {"files": files, "info": entry.get("info", {}), "kind": entry.get("kind"),
-                "label": entry.get("label")}
+        return {"files": files, "info": entry.get("info", {})}
 
     # -- writing ---------------------------------------------------------------------
     def push(self, cache: Cache, keys: list[str]) -> None:

@@ -61,6 +61,8 @@ def test_push_then_pull_elsewhere_is_byte_identical(registry, tmp_path: Path) ->
     pulled = run_cli("pull", ref, "-o", out_b, *registry_args(registry), "--json", env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.json["digest"] == layout.manifest.digest
+    # rootfs.tar.zst is the layer: fetched once, copied
+    assert pulled.json["bytes"] < (src / "rootfs.tar.zst").stat().st_size * 1.1
     assert tree_files(out_b) == tree_files(src.parent)   # the directory and the bundle tar
     check = subprocess.run(["sha256sum", "-c", "--strict", "--quiet", "SHA256SUMS"],
                            cwd=out_b / "demo", capture_output=True, text=True)
@@ -309,3 +311,28 @@ def test_credentials_come_from_the_first_file_that_has_them(tmp_path: Path,
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="not a credentials file"):
         find_credentials("127.0.0.1:5000", tmp_path / "bad.json")
+
+
+def test_token_auth_registry(tmp_path: Path) -> None:
+    """A registry that asks for Bearer tokens from a token service (as
+    Harbor, Quay and Docker Hub do): push and pull get tokens with the
+    user's credentials; wrong or no credentials are one refusal line."""
+    src = make_output(tmp_path / "out", seed="token")
+    env = no_ambient_creds(tmp_path)
+    with LocalRegistry(tmp_path / "reg", tls=True, users={REGISTRY_USER: REGISTRY_PASSWORD},
+                       token_auth=True) as reg:
+        ref = f"{reg.host}/tokens/demo:v1"
+        res = run_cli("push", src, ref, *registry_args(reg), env=env)
+        assert res.returncode == 0, res.stderr
+        res = run_cli("pull", ref, "-o", tmp_path / "pulled", *registry_args(reg), env=env)
+        assert res.returncode == 0, res.stderr
+        assert tree_files(tmp_path / "pulled") == tree_files(src.parent)
+        assert reg._tokens is not None and reg._tokens.issued >= 2
+        wrong = reg.auth_file(REGISTRY_USER, "Not-The-Password", name="wrong")
+        for extra in (["--creds-file", str(wrong)], []):
+            res = run_cli("pull", ref, "-o", tmp_path / "p2", "--ca-file", reg.ca_file, *extra,
+                          env=env)
+            assert res.returncode == 2
+            line = one_error_line(res.stderr)
+            assert "refused" in line and "Not-The-Password" not in res.stderr, line
+        assert leftovers(tmp_path / "p2") == []
