@@ -1,5 +1,7 @@
-"""Benchmark the registry paths (issue 14): a cold build on a second machine
-through a shared layer cache, and push/pull against skopeo.
+"""Benchmark the registry paths: a second machine's build via --cache-from; push/pull.
+
+Issue 14: a cold build on a second machine through the layer cache shared
+in a registry, and push/pull against skopeo.
 
     .venv/bin/python bench/oci.py [--size-gb 1.0] [--files 50000] [--workdir DIR]
         [--keep] [--accel tcg|auto] [--quiet-wait SECONDS]
@@ -66,19 +68,7 @@ def blob_bytes(layout: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-gb", type=float, default=1.0, help="bytes of file data (GiB)")
-    ap.add_argument("--files", type=int, default=50000, help="regular files in the base")
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rootfs-build-bench"),
-                    help="where the base image is cached and runs happen (shared with "
-                         "bench/build.py)")
-    ap.add_argument("--keep", action="store_true", help="keep this run's directory")
-    ap.add_argument("--accel", choices=("tcg", "auto"), default="tcg",
-                    help="tcg: LIBGUESTFS_BACKEND_SETTINGS=force_tcg (KVM aborts on the dev VM)")
-    ap.add_argument("--selinux", action=argparse.BooleanOptionalAction, default=True,
-                    help="label every file with security.selinux, as openEuler does")
-    ap.add_argument("--quiet-wait", type=float, default=180, metavar="SECONDS",
-                    help="before each timed step, wait up to this long for other processes "
-                         "to leave the CPU (0: do not wait)")
+    bb.add_base_options(ap)
     args = ap.parse_args()
     bb.QUIET_WAIT = args.quiet_wait
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -39,8 +39,8 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import ssl
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -293,7 +293,6 @@ def _test_stop_in_blob(sent: int) -> None:
     # Lets a test stop the registry in the middle of an upload, at a known point.
     if os.environ.get("ROOTFS_BUILD_TEST_STOP_IN_BLOB") and sent >= CHUNK:
         del os.environ["ROOTFS_BUILD_TEST_STOP_IN_BLOB"]
-        import signal
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -642,12 +641,3 @@ def _shown_path(url: str) -> str:
     path = re.sub(r"^[a-z]+://[^/]+", "", url).split("?", 1)[0]
     return re.sub(r"/blobs/uploads/[^/]+$", "/blobs/uploads/...", path)
 
-
-class Timer:
-    """Seconds and bytes of a transfer, for summaries and the benchmark."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-
-    def seconds(self) -> float:
-        return round(time.monotonic() - self.start, 3)
