@@ -258,8 +258,12 @@ def report(args: argparse.Namespace, info: dict[str, Any], rows: dict[str, Any],
                "manifests, rootfs.tar.zst = the layer, sent once).  The cache rows include "
                "compressing / unpacking and hashing on the fly; skopeo moves the blobs as "
                "they are.")
-    noisy = [k for k in ("A", "B", "push", "pull", "S-push", "S-pull")
-             if rows[k].others / max(rows[k].seconds, 1e-9) > 0.1]
+    steps = [k for k in ("A", "B", "push", "S-push", "pull", "S-pull", "S-cache-pull",
+                         "S-cache-push") if k in rows]
+    out.append("CPU the rest of the machine used during each step, in busy cores (2 here; "
+               "above ~0.1 the step competed for CPU): " + ", ".join(
+                   f"{k} {rows[k].others / max(rows[k].seconds, 1e-9):.2f}" for k in steps))
+    noisy = [k for k in steps if rows[k].others / max(rows[k].seconds, 1e-9) > 0.1]
     if noisy:
         out.append(f"WARNING: other processes were busy during {', '.join(noisy)}: "
                    "rerun on a quiet machine before trusting the ratios")
