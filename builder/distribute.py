@@ -37,7 +37,7 @@ from typing import Any
 from . import __version__, oci, ui, values
 from .deploy.bundle import SUMS, _check_rel, read_sums
 from .errors import UserError
-from .hashing import HashingFile, sha256_file
+from .hashing import sha256_file
 from .registry import Client, NotFound, Options, Reference, RegistryError
 
 BUNDLE_TAG_SUFFIX = ".bundle"
@@ -308,11 +308,8 @@ def _fetch_to(client: Client, ref: Reference, d: oci.Descriptor, path: Path, mod
               progress: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o755)
-    f = HashingFile(path)
-    try:
+    with open(path, "wb") as f:   # fetch_blob hashes; OutputDir.publish fsyncs
         client.fetch_blob(ref, d.digest, d.size, f.write, progress=progress)
-    finally:
-        f.close()
     os.chmod(path, mode)
 
 
