@@ -347,7 +347,7 @@ class Client(oras.provider.Registry):
                 break
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
-            if not self._answer(challenge, response.status_code):
+            if not self._answer(challenge):
                 break
             if not rewindable:
                 raise RegistryError(f"{self.ref.host} asked for authentication in the middle "
@@ -382,7 +382,7 @@ class Client(oras.provider.Registry):
         except requests.exceptions.RequestException as e:
             raise _unavailable(self.ref.host, e) from None
 
-    def _answer(self, challenge: str, status: int) -> bool:
+    def _answer(self, challenge: str) -> bool:
         """Set self._authorization for a 401 challenge; False if nothing more
         can be tried."""
         scheme = challenge.split(" ", 1)[0].lower()
@@ -465,9 +465,6 @@ class Client(oras.provider.Registry):
         r.close()
         if r.status_code != 200:
             self._check(r, f"{self.ref.host}: /v2/")
-
-    def blob_exists_at(self, ref: Reference, digest: str) -> bool:
-        return bool(self.blob_exists({"digest": digest}, self.container(ref)))
 
     def push_blob_file(self, ref: Reference, path: Path, digest: str, size: int,
                        progress: Callable[[int], None] | None = None) -> bool:
