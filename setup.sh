@@ -13,6 +13,7 @@ packages=(
   gcc libc6-dev binutils kmod file                               # demo inputs, checks
   shellcheck util-linux rpm                                      # tests: scripts, rpms
   nftables iproute2 openssh-client                               # host firewall, signing
+  docker-registry skopeo apache2-utils openssl python3-jwt       # tests: OCI registry, TLS, auth
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

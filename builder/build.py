@@ -34,6 +34,7 @@ from . import (
     fileio,
     filelayers,
     generators,
+    oci,
     outputs,
     shipped,
     sources,
@@ -120,6 +121,7 @@ class Builder:
             if r.spec.base.arch:
                 checks.check_elf_arch(es, r.spec.base.arch)
             gens = plan_generators(r, es)
+            oci.check_recipe(r, bundle=r.spec.output.bundle and bool(gens))
             self.ctx.es = es
             plan_steps: list[steps.Step] = [steps.BaseStep()]
             for el in es.elements:
@@ -259,8 +261,12 @@ class Builder:
         image_formats: list[str] = [f for f in formats if f in IMAGE_FORMATS]
         scratch_tar = bool(image_formats) and "tar" not in tar_formats
         sink_formats = tar_formats + (["tar"] if scratch_tar else [])
+        oci_info = oci.ImageInfo.from_build(self.recipe, self.ctx.base_info.get("arch", ""),
+                                            self.ctx.inputs["base.image"]["sha256"], epoch)
         with outputs.open_sinks(staging, sink_formats) as tee, \
                 ui.bar("writing rootfs", None) as bar:
+            oci_layer = oci.layer_sink(staging, oci_info, list(formats), tee.sinks)
+
             def write(data: bytes) -> None:
                 tee.write(data)
                 bar.update(len(data))
@@ -271,6 +277,9 @@ class Builder:
             artifacts.append({"path": f"rootfs.{fmt}", "format": fmt,
                               "sha256": s.file.sha.hexdigest(), "size": s.file.size,
                               "reproducibility": "bit-identical"})
+        if oci_layer is not None:
+            image = oci.write_layout(staging / oci.LAYOUT_DIR, oci_layer, oci_info)
+            artifacts.append(image.artifact())
         if image_formats:
             from .images import ImageSpec, write_images
             out = self.recipe.spec.output
@@ -286,7 +295,8 @@ class Builder:
         if scratch_tar:
             (staging / "rootfs.tar").unlink()
         for a in artifacts:  # not the umask's business: the bundle records modes
-            os.chmod(staging / a["path"], 0o644)
+            if a["format"] != oci.FORMAT:   # a directory; write_layout sets its modes
+                os.chmod(staging / a["path"], 0o644)
         return artifacts, stats
 
     def manifest(self, plan: Plan, epoch: int, epoch_source: str,

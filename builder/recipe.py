@@ -24,8 +24,8 @@ from .spec import Check, Context, Marks, Shorthand, dotted, field, load, load_ya
 
 TAR_FORMATS = ("tar", "tar.gz", "tar.zst")
 IMAGE_FORMATS = ("squashfs", "raw", "qcow2")
-FORMATS = TAR_FORMATS + IMAGE_FORMATS
-Format = Literal["tar", "tar.gz", "tar.zst", "squashfs", "raw", "qcow2"]
+FORMATS = TAR_FORMATS + IMAGE_FORMATS + ("oci",)
+Format = Literal["tar", "tar.gz", "tar.zst", "squashfs", "raw", "qcow2", "oci"]
 
 
 def _input_path(value: Path, ctx: Context, key: tuple[str | int, ...]) -> Path:
@@ -44,6 +44,12 @@ def _output_name(value: str) -> str:
     except ValueError:
         raise ValueError(f"{value!r} may only hold A-Z a-z 0-9 . _ - (it names the output "
                          "directory; use e.g. dpu-rootfs)") from None
+
+
+def _non_empty(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
 def _headroom(value: float) -> float:
@@ -126,6 +132,12 @@ class OutputSpec:
     qcow2_compressed: bool = field(False, doc="compress the qcow2 clusters")
     bundle: bool = field(True, doc="also write OUTPUT/NAME.bundle.tar when an element "
                                    "generates a deployment")
+    oci_compression: Literal["zstd", "gzip"] = field(
+        "zstd", doc="the oci image's layer compression (gzip for older runtimes)")
+    oci_version: Annotated[str, Check(_non_empty, "text")] | None = field(
+        None, doc="org.opencontainers.image.version of the oci image")
+    oci_revision: Annotated[str, Check(_non_empty, "text")] | None = field(
+        None, doc="org.opencontainers.image.revision of the oci image (e.g. a commit)")
 
 
 @dataclasses.dataclass(frozen=True)
