@@ -33,6 +33,7 @@ from . import (
     assemble,
     elements,
     elfinfo,
+    emulation,
     filelayers,
     guestfs_io,
     outputs,
@@ -368,12 +369,7 @@ class Builder:
         names = [f"{phase}/{p.name}" for phase, p in scripts]
         step = f"element {el.name} ({', '.join(names)})"
         arch = self.base_info["arch"]
-        if arch != host_arch():
-            raise UserError(f"{step}: scripts run inside the rootfs, which is {arch}, but the "
-                            f"appliance is {host_arch()}",
-                            where=str(el.path),
-                            hint="use prebuilt inputs for foreign-arch rootfs (e.g. "
-                                 "libvirt_mode: prebuilt with RPMs or an install tree)")
+        emulation.require(arch, step=step, where=str(el.path))  # refuses without an emulator
         data = [(f"{phase.removesuffix('.d')}-{p.name}", p.read_bytes()) for phase, p in scripts]
         declared = el.spec.get("params", {})
         env = {f"PARAM_{k.upper()}": _env_value(es.params.get(k)) for k in sorted(declared)}
@@ -401,7 +397,8 @@ class Builder:
                 assemble.write_tree(tree, epoch, sink)
 
             with Phase.enter(f"running {step}"), app:
-                summary = app.run_in_tree(produce, data, env, consume, step=step)
+                summary = app.run_in_tree(produce, data, env, consume, step=step,
+                                           epoch=epoch, arch=arch)
             return {"summary": summary, "scripts": names}
 
         self._layer("run", step, key, build)
