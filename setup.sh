@@ -12,6 +12,9 @@ packages=(
   squashfs-tools-ng libarchive13                                 # squashfs, mke2fs -d tar
   gcc libc6-dev binutils kmod file                               # demo inputs, checks
   shellcheck util-linux rpm                                      # tests: scripts, rpms
+  python3-rpm python3-dnf createrepo-c libarchive-tools gnupg    # packages: host-side checks
+  qemu-user-static                                               # foreign-arch run steps
+  mmdebstrap dnf                                                 # tests: Debian bases with rpm/dnf
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -190,6 +190,10 @@ def check(request: PackageRequest, *, arch: str, workdir: Path,
     for name in (*request.install, *request.remove):
         if not name or name.startswith("-") or any(c.isspace() for c in name):
             raise UserError(f"{name!r} is not a package name or spec", where=where)
+    for p in request.repos:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(p)):
+            raise UserError(f"repository {p}: only local repositories are supported",
+                            where=where, hint="give a directory or an .iso on this machine")
     repos = tuple(_check_repo(Path(p), i, workdir, where) for i, p in enumerate(request.repos))
     rpm_files = tuple(_check_rpm_file(Path(p), where) for p in request.rpm_files)
     keys = tuple(_check_key(Path(p), where) for p in request.gpgkeys)
@@ -200,9 +204,6 @@ def check(request: PackageRequest, *, arch: str, workdir: Path,
 
 def _check_repo(path: Path, index: int, workdir: Path, where: str | None) -> Repo:
     shown = str(path)
-    if "://" in shown:
-        raise UserError(f"repository {shown}: only local repositories are supported",
-                        where=where, hint="give a directory or an .iso on this machine")
     if not path.exists():
         raise UserError(f"repository {shown} not found", where=where,
                         hint="give a directory with repodata/, a directory of .rpm files "
@@ -370,7 +371,8 @@ def _check_names(names: tuple[str, ...], repos: tuple[Repo, ...], arch: str, wor
             _dnf_base(repos, arch, Path(tmp)) as base:
         for name in names:
             query = Subject(name).get_best_query(base.sack, with_provides=True,
-                                                 with_filenames=True).available()
+                                                 with_filenames=True).available().filter(
+                arch=base.sack.list_arches())
             if not query:
                 shown = ", ".join(str(r.source) for r in repos)
                 raise UserError(f"no repository has a package {name!r} (for {arch})",
