@@ -701,7 +701,11 @@ class TreeSession:
                             hint="scripts run inside the rootfs; install bash in the base")
         app.call("mkdir_p", RUN_DIR)
         app.call("umount_all")
-        app.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL)
+        # no hashed directories on the upper disk: readdir then returns
+        # entries in the order the step made them, which is deterministic, so
+        # tar_out streams the layer in the same order on every build (a
+        # hashed directory's order depends on mkfs's random hash seed)
+        app.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL, features="^dir_index")
         self._up()
         if self.emulator is not None:
             self._register_emulator()

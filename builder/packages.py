@@ -536,13 +536,14 @@ def install(request: PackageRequest, repo_set: RepoSet, *, tree: Callable[[Binar
 
 
 def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
-                       repo_set: RepoSet, drives: list[RepoDrive], *,
+                       repo_set: RepoSet, drives: list[RepoDrive], *, tool: str | None = None,
                        rpm_ignores_epoch: bool = False) -> PackageSummary:
     """Install `request` in a laid-out tree whose appliance has `drives`
-    attached.  `rpm_ignores_epoch` runs rpm and dnf without
+    attached.  `tool` "rpm" uses rpm even when the rootfs has dnf (RPM
+    files only).  `rpm_ignores_epoch` runs rpm and dnf without
     SOURCE_DATE_EPOCH, as rpm < 4.18 behaves (the database is then
-    normalized in finish()); tests use it to check that path."""
-    tool = _tool(session, request)
+    normalized in capture()); tests use it to check that path."""
+    tool = tool or _tool(session, request)
     repo_dirs = [session.mount_readonly(d.label, d.fstype, f"repos/{i}")
                  for i, d in enumerate(drives)]
     session.app.call("mkdir_p", RPMS_DIR)
@@ -562,10 +563,16 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
         _write_dnf_config(session, request, repo_dirs)
     session.run_scripts([("packages", script.encode())], {}, explain=explain_failure,
                         hint="-v shows the package manager's last lines")
+    log = session.log()
     # a failing %post or %posttrans is only a warning for rpm and dnf
-    warned = _scriptlet_failure(session.log())
+    warned = _scriptlet_failure(log)
     if warned:
         raise UserError(f"{session.step}: {warned}")
+    # and `dnf remove` of something not installed is not an error for dnf
+    missing = re.search(r"^No match for argument: (\S+)", log, re.M)
+    if missing:
+        raise UserError(f"{session.step}: {missing[1]} is not installed, so it cannot be "
+                        "removed", hint="fix the name under remove:")
     after = _rpm_query(session)
     return _summary(tool, before, after, repo_set, rpm_version)
 
@@ -713,8 +720,8 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"file (?P<a>\S+) from install of (?P<b>\S+) conflicts with file from package "
          r"(?P<c>\S+)",
          "file conflict: {b} and {c} both have {a}, with different content"),
-        (r"unpacking of archive failed on file (?P<a>\S+): cpio: File from package already "
-         r"exists as a directory in system",
+        (r"unpacking of archive failed on file (?P<a>[^\s;]+)\S*: cpio: File from package "
+         r"already exists as a directory in system",
          "a package has a file or symlink at {a}, which is a directory in the rootfs "
          "(rpm refuses to replace a directory)"),
         (r"(?P<a>\S+): (?:Header|Payload) \S+ digest: BAD",
@@ -734,7 +741,7 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?P<a>\S+): not an rpm package", "{a} is not an RPM package (damaged?)"),
         (r"(?:error|Error): (?P<a>\S+?): (?:headerRead|rpmReadSignature|read) failed[:.]? "
          r"?(?P<b>.*)$", "{a} is damaged ({b})"),
-        (r"unpacking of archive failed(?: on file (?P<a>\S+))?: cpio: (?P<b>.+)$",
+        (r"unpacking of archive failed(?: on file (?P<a>[^\s;]+)\S*)?: cpio: (?P<b>.+)$",
          "a package's payload is damaged ({b})"),
         (r"error: %(?P<a>\w+)\((?P<b>[^)]+)\) scriptlet failed, exit status (?P<c>\d+)",
          "the %{a} scriptlet of {b} failed (exit status {c})"),

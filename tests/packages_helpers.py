@@ -52,7 +52,7 @@ def mmdebstrap_tar(dest: Path, *, arch: str) -> Path:
     else:
         args += [f"--arch={'arm64' if arch == 'aarch64' else arch}", "--variant=extract",
                  "--include=rpm,dash,bash,coreutils,base-files"]
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(".tmp-" + dest.name)  # mmdebstrap picks the format by the suffix
     proc = subprocess.run([*args, "bookworm", str(tmp)], capture_output=True, text=True,
                           timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
