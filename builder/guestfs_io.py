@@ -647,7 +647,8 @@ class Appliance:
     # -- steps inside the rootfs ------------------------------------------
     def run_in_tree(self, tree: Callable[[BinaryIO], None], scripts: list[tuple[str, bytes]],
                     env: dict[str, str], consume_upper: Callable[[BinaryIO], T],
-                    *, step: str, epoch: int, arch: str) -> T:
+                    *, step: str, epoch: int, arch: str,
+                    not_reproducible: list[str] | None = None) -> T:
         """Lay a rootfs tree onto scratch disk 1, run `scripts` chrooted in it
         under an overlay whose upper directory lives on scratch disk 2, and
         hand the upper directory (the step's changes, normalized: see
@@ -655,11 +656,16 @@ class Appliance:
         scratch drives added, in that order.  The scripts get
         SOURCE_DATE_EPOCH=`epoch` and the appliance's clock starts at it; a
         rootfs of another `arch` than the appliance's runs under a user-mode
-        emulator (emulation.require refuses first when there is none)."""
+        emulator (emulation.require refuses first when there is none).
+        What could not be made identical is appended to `not_reproducible`
+        (normally nothing)."""
         session = TreeSession(self, step=step, epoch=epoch, arch=arch)
         session.lay(tree)
         session.run_scripts(scripts, env)
-        return session.finish(consume_upper)
+        value = session.finish(consume_upper)
+        if not_reproducible is not None:
+            not_reproducible.extend(session.not_reproducible)
+        return value
 
 
 class TreeSession:
@@ -685,6 +691,7 @@ class TreeSession:
         self.clock = epoch if clock is None else clock
         self.emulator = emulation.require(arch, step=step)
         self.not_reproducible: list[str] = []
+        self.rpmdb_rewrites: list[float] = []   # seconds each rpm database rewrite took
         self._binfmt_name = ""
         self._rpmdb: str | None = None
         self._rpm_checked = False
@@ -826,16 +833,20 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
     def _normalize_rpmdb(self) -> None:
         """Install times and transaction ids a step recorded after the epoch
         are set to the epoch (like file mtimes, they are clamped).  rpm >=
-        4.18 takes both from SOURCE_DATE_EPOCH, so there is nothing to do;
-        an older rpm records the clock, and then the database is exported
-        with the rootfs's own rpmdb, the two tags rewritten in the headers
-        (rpmheader.clamp_install_times) and imported into a new database."""
+        4.18 takes the transaction id from SOURCE_DATE_EPOCH and gives the
+        n-th package of a transaction SOURCE_DATE_EPOCH + n as its install
+        time; older rpm records the clock.  Either way the database is
+        exported with the rootfs's own rpmdb, the two tags rewritten in the
+        headers (rpmheader.clamp_install_times) and imported into a new
+        database, so its content does not depend on the rpm version or on
+        how long the step took.  Seconds spent: rpmdb_rewrites."""
         dbdir = self.rpmdb_dir()
         if dbdir is None or not self._upper_has(dbdir):
             return
         times = self.command(["rpm", "-qa", "--qf", "%{INSTALLTIME} %{INSTALLTID}\\n"])
         if not any(t.isdigit() and int(t) > self.epoch for t in times.split()):
             return
+        started = time.monotonic()
         export = f"{RUN_DIR}/rpmdb-export"
         self.command(["/bin/bash", "-c", f"rpmdb --exportdb > {export}"])
         with tempfile.TemporaryDirectory(prefix="rpmdb-") as tmp:
@@ -849,6 +860,7 @@ rpmdb --initdb
 rpmdb --importdb < {export}
 rm -f {export}
 """])
+        self.rpmdb_rewrites.append(time.monotonic() - started)
 
     def _upper_has(self, rel: str) -> bool:
         out = self.app.call("debug", "sh", [f"test -e {_UPPER}/{rel} && echo yes || true"])

@@ -101,11 +101,6 @@ class Repo:
     digest: str
     packages: tuple[RepoPackage, ...]
 
-    @property
-    def files_root(self) -> Path:
-        """Where the package files live on the host (not for "iso")."""
-        return self.source
-
 
 @dataclasses.dataclass(frozen=True)
 class RpmFile:
@@ -307,9 +302,9 @@ def _digest(doc: Any) -> str:
 
 
 @contextlib.contextmanager
-def _dnf_base(repos: tuple[Repo, ...], arch: str, scratch: Path) -> Iterator[Any]:
-    """dnf's own library on the host, reading the repositories' metadata
-    only (no system repo, no config, no plugins), for `arch`."""
+def _dnf_base(metadata: list[Path], arch: str, scratch: Path) -> Iterator[Any]:
+    """dnf's own library on the host, reading the metadata (the repodata/
+    in each of `metadata`) only: no system repo, config or plugins."""
     try:
         import dnf
     except ImportError:
@@ -330,8 +325,8 @@ def _dnf_base(repos: tuple[Repo, ...], arch: str, scratch: Path) -> Iterator[Any
         conf.substitutions["basearch"] = dnf.rpm.basearch(arch) if arch in dnf.rpm._BASEARCH_MAP \
             else arch
         conf.substitutions["releasever"] = "0"
-        for i, repo in enumerate(repos):
-            base.repos.add_new_repo(f"rb-{i}", conf, baseurl=[repo.metadata.as_uri()])
+        for i, directory in enumerate(metadata):
+            base.repos.add_new_repo(f"rb-{i}", conf, baseurl=[directory.as_uri()])
         base.fill_sack(load_system_repo=False)
         yield base
     finally:
@@ -342,11 +337,9 @@ def _read_metadata(meta: Path, index: int, *, where: str | None, shown: str
                    ) -> tuple[RepoPackage, ...]:
     import hawkey
 
-    placeholder = Repo(Path(shown), "", meta, "", ())
-    with tempfile.TemporaryDirectory(prefix="dnf-", dir=meta.parent if meta.parent.exists()
-                                     else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix="dnf-") as tmp:
         try:
-            with _dnf_base((placeholder,), emulation.host_arch(), Path(tmp)) as base:
+            with _dnf_base([meta], emulation.host_arch(), Path(tmp)) as base:
                 pkgs = []
                 for p in base.sack.query().available():
                     kind, value = p.chksum if p.chksum else (None, b"")
@@ -368,7 +361,7 @@ def _check_names(names: tuple[str, ...], repos: tuple[Repo, ...], arch: str, wor
     from dnf.subject import Subject
 
     with tempfile.TemporaryDirectory(prefix="dnf-", dir=workdir) as tmp, \
-            _dnf_base(repos, arch, Path(tmp)) as base:
+            _dnf_base([r.metadata for r in repos], arch, Path(tmp)) as base:
         for name in names:
             query = Subject(name).get_best_query(base.sack, with_provides=True,
                                                  with_filenames=True).available().filter(
@@ -558,7 +551,7 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
         keys.append(f"{KEYS_DIR}/{i}.key")
     before = _rpm_query(session)
     rpm_version = session.command(["rpm", "--version"]).strip().rsplit(" ", 1)[-1]
-    script = _script(tool, request, repo_dirs, files, keys, rpm_ignores_epoch)
+    script = _script(tool, request, files, keys, rpm_ignores_epoch)
     if tool == "dnf":
         _write_dnf_config(session, request, repo_dirs)
     session.run_scripts([("packages", script.encode())], {}, explain=explain_failure,
@@ -630,8 +623,10 @@ metadata_expire=-1
     session.write(f"{DNF_DIR}/repos.d/rootfs-build.repo", repos)
 
 
-def _script(tool: str, request: PackageRequest, repo_dirs: list[str], files: list[str],
-            keys: list[str], rpm_ignores_epoch: bool) -> str:
+def _script(tool: str, request: PackageRequest, files: list[str], keys: list[str],
+            rpm_ignores_epoch: bool) -> str:
+    """The step's script: keys imported, then one install and one remove
+    transaction of the rootfs's dnf (or rpm -U / rpm -e)."""
     q = shlex.quote
     pm = "env -u SOURCE_DATE_EPOCH " if rpm_ignores_epoch else ""
     lines = ["#!/bin/bash", "set -euo pipefail"]
@@ -653,7 +648,6 @@ def _script(tool: str, request: PackageRequest, repo_dirs: list[str], files: lis
                          + " ".join(q(f) for f in files))
         if request.remove:
             lines.append(f"{pm}rpm -e -v -- " + " ".join(q(n) for n in request.remove))
-    del repo_dirs  # in dnf's config
     return "\n".join(lines) + "\n"
 
 
@@ -720,8 +714,8 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"file (?P<a>\S+) from install of (?P<b>\S+) conflicts with file from package "
          r"(?P<c>\S+)",
          "file conflict: {b} and {c} both have {a}, with different content"),
-        (r"unpacking of archive failed on file (?P<a>[^\s;]+)\S*: cpio: File from package "
-         r"already exists as a directory in system",
+        (r"unpacking of archive failed on file (?P<a>[^\s;]+)\S*: (?:cpio: )?File from "
+         r"package already exists as a directory in system",
          "a package has a file or symlink at {a}, which is a directory in the rootfs "
          "(rpm refuses to replace a directory)"),
         (r"(?P<a>\S+): (?:Header|Payload) \S+ digest: BAD",
@@ -741,7 +735,7 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?P<a>\S+): not an rpm package", "{a} is not an RPM package (damaged?)"),
         (r"(?:error|Error): (?P<a>\S+?): (?:headerRead|rpmReadSignature|read) failed[:.]? "
          r"?(?P<b>.*)$", "{a} is damaged ({b})"),
-        (r"unpacking of archive failed(?: on file (?P<a>[^\s;]+)\S*)?: cpio: (?P<b>.+)$",
+        (r"unpacking of archive failed(?: on file (?P<a>[^\s;]+)\S*)?: (?:cpio: )?(?P<b>.+)$",
          "a package's payload is damaged ({b})"),
         (r"error: %(?P<a>\w+)\((?P<b>[^)]+)\) scriptlet failed, exit status (?P<c>\d+)",
          "the %{a} scriptlet of {b} failed (exit status {c})"),
