@@ -812,10 +812,13 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
 
     def log(self, limit: int = 1 << 20) -> str:
         """The scripts' output so far (the last `limit` bytes)."""
+        return self.read_text(f"{RUN_DIR}/log", limit)
+
+    def read_text(self, path: str, limit: int = 1 << 20) -> str:
+        """The last `limit` bytes of a file in the rootfs, "" if it is missing."""
         try:
-            size = self.app.call("filesize", f"{RUN_DIR}/log")
-            data = self.app.call("pread", f"{RUN_DIR}/log", min(size, limit),
-                                 max(0, size - limit))
+            size = self.app.call("filesize", path)
+            data = self.app.call("pread", path, min(size, limit), max(0, size - limit))
         except ApplianceError:
             return ""
         return bytes(data).decode("utf-8", "replace")

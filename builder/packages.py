@@ -554,7 +554,21 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
     script = _script(tool, request, files, keys, rpm_ignores_epoch)
     if tool == "dnf":
         _write_dnf_config(session, request, repo_dirs)
-    session.run_scripts([("packages", script.encode())], {}, explain=explain_failure,
+    def explain(log: str) -> str | None:
+        # dnf says only "Error unpacking rpm package X", not rpm's reason:
+        # ask rpm, unpacking X again (scripts off) in the failed step's
+        # changes, which are dropped anyway
+        m = re.search(r"Error unpacking rpm package (\S+)", log)
+        where = _package_file(m[1], repo_set, repo_dirs, files) if m else None
+        if m and where:
+            why = explain_failure(session.command([
+                "/bin/bash", "-c", "rpm -i --nodeps --noscripts --notriggers --replacepkgs "
+                f"--replacefiles -- {shlex.quote(where)} 2>&1 || true"]))
+            if why:
+                return f"{m[1]}: {why}"
+        return explain_failure(log)
+
+    session.run_scripts([("packages", script.encode())], {}, explain=explain,
                         hint="-v shows the package manager's last lines")
     log = session.log()
     # a failing %post or %posttrans is only a warning for rpm and dnf
@@ -568,6 +582,20 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
                         "removed", hint="fix the name under remove:")
     after = _rpm_query(session)
     return _summary(tool, before, after, repo_set, rpm_version)
+
+
+def _package_file(nevra: str, repo_set: RepoSet, repo_dirs: list[str], files: list[str]
+                  ) -> str | None:
+    """Where the package `nevra` (name-version-release.arch) is inside the
+    rootfs during the step."""
+    for f, inside in zip(repo_set.rpm_files, files, strict=True):
+        if _nevra(f.nevra).replace(f"-{f.epoch}:", "-") == nevra:
+            return inside
+    for repo, directory in zip(repo_set.repos, repo_dirs, strict=True):
+        for p in repo.packages:
+            if f"{p.name}-{p.version}-{p.release}.{p.arch}" == nevra:
+                return f"{directory}/{p.location}"
+    return None
 
 
 def _tool(session: guestfs_io.TreeSession, request: PackageRequest) -> str:
@@ -716,7 +744,7 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
          "file conflict: {b} and {c} both have {a}, with different content"),
         (r"unpacking of archive failed on file (?P<a>[^\s;]+)\S*: (?:cpio: )?File from "
          r"package already exists as a directory in system",
-         "a package has a file or symlink at {a}, which is a directory in the rootfs "
+         "it has a file or symlink at {a}, which is a directory in the rootfs "
          "(rpm refuses to replace a directory)"),
         (r"(?P<a>\S+): (?:Header|Payload) \S+ digest: BAD",
          "{a}: rpm says its digests are BAD (the package is damaged or was altered)"),
@@ -741,6 +769,7 @@ _EXPLANATIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
          "the %{a} scriptlet of {b} failed (exit status {c})"),
         (r"package (?P<a>\S+) is intended for a (?:different|\S+) architecture",
          "{a} is built for another architecture than the rootfs"),
+        (r"Error unpacking rpm package (?P<a>\S+)", "{a} could not be unpacked"),
         (r"^Error: No packages marked for removal", "nothing to remove: the packages named "
          "under remove are not installed"),
         (r"^error: package (?P<a>\S+) is not installed", "{a} is not installed (remove)"),
