@@ -376,6 +376,7 @@ class Builder:
         below = [r.key for r in self.records]
         network = bool(run_spec.get("network", False))
         key = digest({"kind": "run", "format": FORMAT_VERSION, "below": below, "epoch": epoch,
+                      "runner": guestfs_io.RUN_STEP_VERSION,
                       "scripts": [(n, hashlib.sha256(d).hexdigest()) for n, d in data],
                       "env": env, "network": network})
         records = list(self.records)

@@ -48,6 +48,10 @@ _tcg_only = False
 QCOW2_MAGIC = b"QFI\xfb"
 
 RUN_DIR = "/.rootfs-build-run"
+# What a run step's layer is made by: part of its cache key, raised when
+# TreeSession changes what ends in a layer (2: SOURCE_DATE_EPOCH, clock at
+# the epoch, TRANSIENT_PATHS, rpm database and mtimes normalized, emulation).
+RUN_STEP_VERSION = 2
 # The tree (first scratch disk) becomes the lower layer of an overlay on
 # /sysroot; changes go to the second scratch disk; scripts and their log live
 # in a tmpfs, /tmp in another, so neither ends up in the step's layer.  The

@@ -84,6 +84,17 @@ def register_base_provides(tar: Path, work: Path, *, passwd: bool) -> None:
                     f"{EPOCH - DAY}", "-rf", str(tar), "-C", str(stage), *members], check=True)
 
 
+def append_files(tar: Path, work: Path, files: dict[str, bytes]) -> None:
+    """Append regular files (root-owned, 0644) to `tar`."""
+    stage = work / "stage-files"
+    for name, data in files.items():
+        (stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (stage / name).write_bytes(data)
+    subprocess.run(["tar", "--numeric-owner", "--owner=0", "--group=0", "--mode=0644",
+                    f"--mtime=@{EPOCH - DAY}", "-rf", str(tar), "-C", str(stage),
+                    *[f"./{n}" for n in files]], check=True)
+
+
 # -- RPMs -----------------------------------------------------------------------
 
 def _spec(name: str, body: str, *, version: str = "1.0", arch: str | None = "noarch",
