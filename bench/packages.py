@@ -46,6 +46,7 @@ from packages_helpers import (  # noqa: E402
 )
 
 from builder import guestfs_io, packages, sampleimage  # noqa: E402
+from builder.errors import UserError  # noqa: E402
 from builder.layer import build_layer_from_tar  # noqa: E402
 
 
@@ -60,6 +61,7 @@ Summary: bench {i}
 %description -n bench-pkg-{i:03d}
 bench {i}
 %post -n bench-pkg-{i:03d}
+mkdir -p /var/lib/bench
 echo {i} > /var/lib/bench/post-{i:03d}
 %files -n bench-pkg-{i:03d}
 /usr/share/bench/{i:03d}.txt
@@ -75,10 +77,8 @@ BuildArch: noarch
 %description
 bench
 %install
-mkdir -p %{{buildroot}}/usr/share/bench %{{buildroot}}/var/lib/bench
+mkdir -p %{{buildroot}}/usr/share/bench
 {files}
-%files
-%dir /var/lib/bench
 {subs}"""
 
 
@@ -104,7 +104,7 @@ def prepare(work: Path, count: int) -> dict[str, Path]:
             guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
             trees={"/": out["base-x86_64"], "/boot": boot}, label="bench image")
     out["image"] = image
-    repo = work / f"repo-{count}"
+    repo = work / f"repo-{count}-v2"
     if not (repo / "repodata").is_dir():
         log(f"building {count} RPMs")
         shutil.rmtree(repo, ignore_errors=True)
@@ -191,14 +191,15 @@ def host_dnf(inputs: dict[str, Path], work: Path, names: list[str]) -> float:
 def virt_customize(inputs: dict[str, Path], work: Path, names: list[str]) -> float:
     copy = work / "vc.qcow2"
     shutil.copy(inputs["image"], copy)
-    cmd = ("dnf --releasever=bench --assumeyes --quiet --setopt=reposdir=/nonexistent "
+    # HOME: Debian's rpm keeps its database in $HOME/.rpmdb (the engine sets it too)
+    cmd = ("HOME=/root dnf --releasever=bench --assumeyes --quiet --setopt=reposdir=/nonexistent "
            "--noplugins --setopt=install_weak_deps=0 --nogpgcheck "
            f"--repofrompath=bench,/root/{inputs['repo'].name} --repo=bench install "
            + " ".join(names))
     start = time.monotonic()
     subprocess.run(["virt-customize", "-q", "-a", str(copy), "--no-network",
                     "--copy-in", f"{inputs['repo']}:/root", "--run-command", cmd],
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     took = time.monotonic() - start
     copy.unlink()
     return took
@@ -216,29 +217,44 @@ def main() -> int:
     inputs = prepare(work, args.count)
     names = [f"bench-pkg-{i:03d}" for i in range(args.count)]
     rows: dict[str, float] = {}
-    log("host dnf --installroot")
-    rows["host dnf --installroot"] = host_dnf(inputs, work, names)
-    log("engine, dnf, x86_64")
-    rows["engine dnf x86_64 (total)"], rows["  dnf in the appliance"] = engine(
-        inputs, work, names, arch="x86_64", tool=None)
-    log("virt-customize")
-    rows["virt-customize --run-command dnf"] = virt_customize(inputs, work, names)
-    log("engine, rpm, x86_64")
-    rows["engine rpm x86_64 (total)"], rows["  rpm -U in the appliance, x86_64"] = engine(
-        inputs, work, names, arch="x86_64", tool="rpm")
-    log("engine, rpm, aarch64 (emulated)")
-    rows["engine rpm aarch64 (total)"], rows["  rpm -U in the appliance, aarch64"] = engine(
-        inputs, work, names, arch="aarch64", tool="rpm")
-    peer = rows["host dnf --installroot"]
+    failed: dict[str, str] = {}
+
+    def measure(label: str, fn: Callable[[], float]) -> None:
+        log(label)
+        try:
+            rows[label] = fn()
+        except (subprocess.CalledProcessError, UserError, AssertionError) as e:
+            detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+            failed[label] = detail[-1] if detail else type(e).__name__
+            log(f"{label} failed: {failed[label]}")
+
+    def engine_rows(label: str, inside: str, arch: str, tool: str | None) -> float:
+        total, rows[inside] = engine(inputs, work, names, arch=arch, tool=tool)
+        return total
+
+    measure("host dnf --installroot", lambda: host_dnf(inputs, work, names))
+    measure("engine dnf x86_64 (total)", lambda: engine_rows(
+        "engine dnf x86_64 (total)", "  dnf in the appliance", "x86_64", None))
+    measure("virt-customize --run-command dnf", lambda: virt_customize(inputs, work, names))
+    measure("engine rpm x86_64 (total)", lambda: engine_rows(
+        "engine rpm x86_64 (total)", "  rpm -U in the appliance, x86_64", "x86_64", "rpm"))
+    measure("engine rpm aarch64 (total)", lambda: engine_rows(
+        "engine rpm aarch64 (total)", "  rpm -U in the appliance, aarch64", "aarch64", "rpm"))
+    peer = rows.get("host dnf --installroot")
     print(f"\ninstalling {args.count} small RPMs (each with a %post); accel={args.accel}\n")
     print(f"| {'step':<36} | {'s':>7} | {'vs host dnf':>11} |")
     print(f"| {'-' * 36} | {'-' * 7} | {'-' * 11} |")
     for name, took in rows.items():
-        print(f"| {name:<36} | {took:7.1f} | {took / peer:10.1f}x |")
-    slow = rows["  rpm -U in the appliance, aarch64"] / rows["  rpm -U in the appliance, x86_64"]
-    total = rows["engine rpm aarch64 (total)"] / rows["engine rpm x86_64 (total)"]
-    print(f"\naarch64 (qemu-user) / x86_64: rpm -U {slow:.1f}x, whole step {total:.1f}x")
-    return 0
+        ratio = f"{took / peer:10.1f}x" if peer else "-"
+        print(f"| {name:<36} | {took:7.1f} | {ratio:>11} |")
+    for name, why in failed.items():
+        print(f"| {name:<36} | failed: {why}")
+    arm, x86 = "  rpm -U in the appliance, aarch64", "  rpm -U in the appliance, x86_64"
+    if arm in rows and x86 in rows:
+        total = rows["engine rpm aarch64 (total)"] / rows["engine rpm x86_64 (total)"]
+        print(f"\naarch64 (qemu-user) / x86_64: rpm -U {rows[arm] / rows[x86]:.1f}x, "
+              f"whole step {total:.1f}x")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
