@@ -223,6 +223,7 @@ def main() -> int:
         log(label)
         try:
             rows[label] = fn()
+            log(f"{label}: {rows[label]:.1f} s")
         except (subprocess.CalledProcessError, UserError, AssertionError) as e:
             detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
             failed[label] = detail[-1] if detail else type(e).__name__
