@@ -22,14 +22,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from . import FORMAT_VERSION, assemble, checks, elfinfo, guestfs_io, ui
+from . import FORMAT_VERSION, assemble, checks, elfinfo, emulation, guestfs_io, ui
 from .cache import Cache
 from .element_spec import holds
 from .elements import RUN_PHASES, ElementSet
@@ -40,7 +39,6 @@ from .recipe import OverlaySpec, Recipe
 from .session import Session
 from .tarfmt import DIR, Member
 
-RUN_UPPER_BYTES = 32 << 30   # scratch disk for a run step's changes (sparse)
 # Where the phases' scripts and their element directories are, inside the
 # rootfs during the run (a tmpfs: nothing of it ends in a layer).  It is
 # diskimage-builder's in-chroot hooks path, which scripts may name.
@@ -56,10 +54,6 @@ HOOKS_SKIP = ("tests", "__pycache__")
 
 def digest(doc: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def host_arch() -> str:
-    return elfinfo.normalize_arch(platform.machine())
 
 
 @dataclasses.dataclass
@@ -422,11 +416,9 @@ class PhasesStep:
         return step
 
     def check_arch(self, arch: str, where: str) -> None:
-        if arch != host_arch():
-            raise UserError(f"{self.label}: scripts run inside the rootfs, which is {arch}, "
-                            f"but the appliance is {host_arch()}", where=where,
-                            hint="for a foreign-arch rootfs, use prebuilt inputs instead of "
-                                 "scripts that build inside it")
+        """A rootfs of another architecture runs its scripts under a
+        user-mode emulator in the appliance; without one, refused now."""
+        emulation.require(arch, step=self.label, where=where)
 
     def driver(self) -> bytes:
         """The bash script that runs the phases in the appliance: per phase,
@@ -459,6 +451,7 @@ class PhasesStep:
                      "TMP_HOOKS_PATH": HOOKS_DIR, "SOURCE_DATE_EPOCH": str(self._epoch)}
         env = self._env
         return digest({"kind": "run", "format": FORMAT_VERSION,
+                       "runner": guestfs_io.RUN_STEP_VERSION,
                        "below": [r.key for r in self._records], "epoch": self._epoch,
                        "hooks": self.hooks.key(), "inputs": self.inputs.key(),
                        "runs": [dataclasses.astuple(r) for r in self.runs], "env": env,
@@ -472,8 +465,7 @@ class PhasesStep:
         files = _merge_plans(self.hooks, self.inputs, HOOKS_DIR)
         files.write(work)
         app = ctx.appliance(self.label, timeout=self.timeout, network=self.network)
-        app.add_scratch(max(int(tree_bytes * 1.5) + (512 << 20), 1 << 30))
-        app.add_scratch(RUN_UPPER_BYTES)
+        app.add_run_scratch(tree_bytes)
 
         def consume(stream: BinaryIO) -> dict[str, Any]:
             return build_layer_from_tar(stream, tmp, mtime_policy="clamp", source=self.label,
@@ -487,10 +479,14 @@ class PhasesStep:
                 while chunk := f.read(1 << 20):
                     sink.write(chunk)
 
+        not_reproducible: list[str] = []
         with app:
             summary = app.run_in_tree(produce, [("phases", self.driver())], self._env, consume,
-                                      step=self.label, files=produce_files)
-        return {"summary": summary, "runs": [dataclasses.asdict(r) for r in self.runs]}
+                                      step=self.label, epoch=epoch,
+                                      arch=ctx.base_info["arch"], files=produce_files,
+                                      not_reproducible=not_reproducible)
+        return {"summary": summary, "runs": [dataclasses.asdict(r) for r in self.runs],
+                "not_reproducible": not_reproducible}
 
     def done(self, ctx: StepContext, rec: LayerRecord) -> None:
         pass
