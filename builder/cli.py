@@ -209,15 +209,28 @@ def cmd_pull(args: argparse.Namespace, session: Session) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, session: Session) -> int:
-    from . import elements
+    import tempfile
+
+    from . import elements, elfinfo, emulation, packages, steps
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     es = elements.load(recipe)
     missing_params = elements.required_missing(es)
-    missing = list(es.missing_inputs)
+    missing = list(es.missing_inputs) + steps.missing_package_inputs(recipe)
     if not recipe.spec.base.image.is_file():
         missing.insert(0, f"base.image: {recipe.spec.base.image}")
+    if recipe.spec.packages is not None and not steps.missing_package_inputs(recipe):
+        # the repositories and names, checked without installing anything
+        pk = recipe.spec.packages
+        request = packages.PackageRequest(repos=pk.repos, install=pk.install, remove=pk.remove,
+                                          gpgcheck=pk.gpgcheck, gpgkeys=pk.gpgkeys,
+                                          weak_deps=pk.weak_deps)
+        if request.install or request.remove:
+            arch = elfinfo.normalize_arch(recipe.spec.base.arch or emulation.host_arch())
+            with tempfile.TemporaryDirectory(prefix="rootfs-build-validate-") as tmp:
+                packages.check(request, arch=arch, workdir=Path(tmp),
+                               where=recipe.where("packages"))
     summary = {"recipe": str(recipe.path), "name": recipe.name, "valid": True,
                "elements": es.names(), "missing_inputs": missing,
                "missing_params": missing_params, "formats": list(recipe.spec.output.formats)}

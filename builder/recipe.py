@@ -140,6 +140,29 @@ class OutputSpec:
         None, doc="org.opencontainers.image.revision of the oci image (e.g. a commit)")
 
 
+def _package_name(value: str) -> str:
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not a package name or spec")
+    return value
+
+
+PackageName = Annotated[str, Check(_package_name, "package name")]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagesSpec:
+    repos: tuple[InputPath, ...] = field(
+        (), doc="local repositories: a directory with repodata/, a directory of *.rpm "
+                "(indexed at build time), or an .iso (an openEuler everything ISO works)")
+    install: tuple[PackageName, ...] = field(
+        (), doc="what the rootfs's own dnf installs from them (names, provides, globs)")
+    remove: tuple[PackageName, ...] = field((), doc="packages removed afterwards")
+    gpgcheck: bool = field(True, doc="every package must be signed by one of gpgkeys or a "
+                                     "key the rootfs trusts; false turns the check off")
+    gpgkeys: tuple[InputPath, ...] = field((), doc="armored public keys to trust")
+    weak_deps: bool = field(False, doc="also install weak dependencies (Recommends)")
+
+
 @dataclasses.dataclass(frozen=True)
 class RecipeSpec:
     name: Annotated[str, Check(_output_name, "name")] = field(
@@ -158,6 +181,9 @@ class RecipeSpec:
         (), doc="rootfs paths an element or overlay may fill although a deployment "
                 "mount hides them at run time (see Shadowed paths)")
     output: OutputSpec = field(OutputSpec(), doc="what to write")
+    packages: PackagesSpec | None = field(
+        None, doc="packages installed by the rootfs's own dnf (or rpm) inside the appliance, "
+                  "offline, with the elements' package-installs.yaml and RPM files")
     dib_env: dict[Annotated[str, Check(_dib_var, "variable")],
                   Annotated[Any, Check(_env_text, "text")]] = field(
         factory=dict, doc="diskimage-builder variables for the elements' scripts "

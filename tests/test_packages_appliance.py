@@ -583,3 +583,74 @@ output: {{formats: [tar]}}
                   env={"ROOTFS_BUILD_QEMU_DIR": str(empty)}, timeout=900)
     refused(res, tmp_path / "out2", "install.d/10-uname", "there is no emulator for aarch64",
             launches=0)
+
+
+# ---------------------------------------------------------------------------
+# the package step in a build: the recipe's packages:, an element's
+# package-installs.yaml (pkg-map, build-only), a deployment hiding /etc
+
+
+@pytest.fixture(scope="module")
+def x86_image(inputs: Inputs) -> Path:
+    """The Debian x86_64 base (rpm, dnf) in the openEuler qcow2 shape."""
+    from builder import sampleimage
+
+    boot = inputs.work / "boot-x86.tar"
+    boot.write_bytes(sampleimage.boot_tree())
+    image = inputs.work / "debian-x86_64.qcow2"
+    guestfs_io.make_disk_image(image, fmt="qcow2", size_mib=1024, partitions=[
+        guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
+        trees={"/": inputs.base_x86, "/boot": boot}, label="x86_64 fixture image")
+    return image
+
+
+def test_recipe_packages_are_installed_by_the_build(inputs: Inputs, x86_image: Path,
+                                                   tmp_path: Path) -> None:
+    write_element(tmp_path, "pk", None, {
+        # DIB's format: a generic name mapped by pkg-map, a build-only package
+        "package-installs.yaml": "app-library:\nrb-weak:\n  build-only: true\n",
+        "pkg-map": '{"family": {"debian": {"app-library": "rb-lib"}}}',
+        "install.d/10-during": "#!/bin/bash\nset -e\nmkdir -p /var/lib/pk\n"
+                               "rpm -q rb-weak > /var/lib/pk/during\n"})
+    os.chmod(tmp_path / "elements/pk/install.d/10-during", 0o755)
+    recipe = write_recipe(tmp_path / "r.yaml", f"""\
+name: pk
+base: {{image: {x86_image}}}
+epoch: {EPOCH}
+elements: [pk, offload-deploy]
+params: {{host_ip: 10.0.0.1, dpu_ip: 10.0.0.2}}
+packages:
+  repos: [{inputs.good}]
+  install: [rb-app]
+  gpgcheck: false
+output: {{formats: [tar], bundle: false}}
+""")
+    cache = tmp_path / "cache"
+    res = run_cli(recipe, "-o", tmp_path / "out", "--cache-dir", cache, "--json", timeout=1800)
+    assert res.returncode == 0, res.stderr
+    kinds = [la["kind"] for la in res.json["layers"]]
+    assert kinds == ["base", "element", "packages", "run"], kinds
+    out = tmp_path / "out/pk"
+    # what rpm says, read on the host from the output tree
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-C", str(tree), "-xf", str(out / "rootfs.tar")], check=True)
+    names = subprocess.run(["rpm", "--dbpath", str(tree / RPMDB), "-qa", "--qf", "%{NAME}\\n"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert {"rb-app", "rb-lib"} <= set(names) and "rb-weak" not in names, names
+    # the build-only package was there while the scripts ran, then removed
+    assert (tree / "var/lib/pk/during").read_text().startswith("rb-weak-1.0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    installed = {p["name"]: p for p in manifest["packages"]["installed"]}
+    assert set(installed) == {"rb-app", "rb-lib"}, installed
+    assert installed["rb-app"]["sha256"] == _sha(inputs.rpms["rb-app"])
+    assert [r.split("-1.0")[0] for r in manifest["packages"]["removed"]] == ["rb-weak"]
+    # files packages put where the deployment bind-mounts the DPU's own dirs
+    # are listed and summed up in one warning, not refused
+    assert "/etc/rb-app.conf" in manifest["packages"]["hidden_at_run_time"]
+    assert "files that packages installed lie under paths the deployment" in res.stderr
+    # a warm rebuild installs nothing
+    again = run_cli(recipe, "-o", tmp_path / "out2", "--cache-dir", cache, "--json")
+    assert again.returncode == 0, again.stderr
+    assert again.json["appliance_launches"] == 0
+    assert (tmp_path / "out2/pk/rootfs.tar").read_bytes() == (out / "rootfs.tar").read_bytes()
