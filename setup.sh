@@ -13,6 +13,10 @@ packages=(
   gcc libc6-dev binutils kmod file                               # demo inputs, checks
   shellcheck util-linux rpm                                      # tests: scripts, rpms
   nftables iproute2 openssh-client                               # host firewall, signing
+  docker-registry skopeo apache2-utils openssl python3-jwt       # tests: OCI registry, TLS, auth
+  python3-rpm python3-dnf createrepo-c libarchive-tools gnupg    # packages: host-side checks
+  qemu-user-static                                               # foreign-arch run steps
+  mmdebstrap dnf                                                 # tests: Debian bases with rpm/dnf
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

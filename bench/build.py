@@ -513,8 +513,8 @@ def index_bytes_per_entry(cache: Path) -> float:
     return 0.0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_base_options(ap: argparse.ArgumentParser) -> None:
+    """The base image's and the timing's options (bench/oci.py has them too)."""
     ap.add_argument("--size-gb", type=float, default=1.0, help="bytes of file data (GiB)")
     ap.add_argument("--files", type=int, default=50000, help="regular files in the base")
     ap.add_argument("--small-gb", type=float, default=0.25, metavar="G",
@@ -529,14 +529,6 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/rootfs-build-bench"),
                     help="where the base images are cached and runs happen")
     ap.add_argument("--keep", action="store_true", help="keep this run's outputs and caches")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per step; medians are shown")
-    ap.add_argument("--warm-repeat", type=int, default=3, metavar="N",
-                    help="per --repeat, time the short steps (host side, warm builds, zstd "
-                         "floors) N times; medians are shown")
-    ap.add_argument("--skip-virt-tar-out", action="store_true",
-                    help="leave out A (the slowest step); the cold ratio is then against F")
-    ap.add_argument("--profile", action="store_true",
-                    help="afterwards, run cold, host-only and warm once more under py-spy")
     ap.add_argument("--accel", choices=("tcg", "auto"), default="tcg",
                     help="tcg: LIBGUESTFS_BACKEND_SETTINGS=force_tcg for every appliance "
                          "(baselines and builds alike); auto: let libguestfs/the tool choose")
@@ -545,6 +537,19 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=180, metavar="SECONDS",
                     help="before each timed step, wait up to this long for other processes "
                          "to leave the CPU (0: do not wait)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_base_options(ap)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per step; medians are shown")
+    ap.add_argument("--warm-repeat", type=int, default=3, metavar="N",
+                    help="per --repeat, time the short steps (host side, warm builds, zstd "
+                         "floors) N times; medians are shown")
+    ap.add_argument("--skip-virt-tar-out", action="store_true",
+                    help="leave out A (the slowest step); the cold ratio is then against F")
+    ap.add_argument("--profile", action="store_true",
+                    help="afterwards, run cold, host-only and warm once more under py-spy")
     args = ap.parse_args()
     global QUIET_WAIT
     QUIET_WAIT = args.quiet_wait

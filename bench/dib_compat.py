@@ -5,8 +5,9 @@ accepted and of the refused by reason.
     .venv/bin/python bench/dib_compat.py [--json] [--list]
 
 It validates only (no appliance): a refusal is what a DIB user meets first.
-ELEMENTS_PATH is set to diskimage-builder's elements directory, so the
-report also runs against revisions that did not search it by themselves.
+rootfs-build searches diskimage-builder's elements by itself (last, after
+its own); `--elements-path` puts them on ELEMENTS_PATH instead, ahead of the
+shipped elements, as a user of a revision that did not search them had to.
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the counts as JSON")
     ap.add_argument("--list", action="store_true", help="print each element's result")
+    ap.add_argument("--elements-path", action="store_true",
+                    help="set ELEMENTS_PATH to diskimage-builder's elements directory")
     args = ap.parse_args()
     dib = Path(paths.get_path("elements"))
     names = sorted(p.name for p in dib.iterdir()
                    if p.is_dir() and not p.name.startswith(("_", ".")))
-    env = {**os.environ, "ELEMENTS_PATH": str(dib)}
+    env = {k: v for k, v in os.environ.items() if k != "ELEMENTS_PATH"}
+    if args.elements_path:
+        env["ELEMENTS_PATH"] = str(dib)
     accepted: list[str] = []
     refused: dict[str, list[str]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:

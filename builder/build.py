@@ -34,6 +34,7 @@ from . import (
     fileio,
     filelayers,
     generators,
+    oci,
     outputs,
     shipped,
     sources,
@@ -110,9 +111,10 @@ class Builder:
             if missing:
                 raise UserError(f"required params not set: {', '.join(missing)}",
                                 where=str(r.path), hint="set them under params:")
-            if es.missing_inputs:
-                more = len(es.missing_inputs) - 1
-                raise UserError(f"input not found: {es.missing_inputs[0]}"
+            missing_inputs = es.missing_inputs + steps.missing_package_inputs(r)
+            if missing_inputs:
+                more = len(missing_inputs) - 1
+                raise UserError(f"input not found: {missing_inputs[0]}"
                                 + (f" (and {more} more)" if more else ""),
                                 where=str(r.path),
                                 hint="fix the path, or pass --set params.NAME=PATH")
@@ -120,6 +122,7 @@ class Builder:
             if r.spec.base.arch:
                 checks.check_elf_arch(es, r.spec.base.arch)
             gens = plan_generators(r, es)
+            oci.check_recipe(r, bundle=r.spec.output.bundle and bool(gens))
             self.ctx.es = es
             plan_steps: list[steps.Step] = [steps.BaseStep()]
             for el in es.elements:
@@ -135,12 +138,10 @@ class Builder:
                     if holds(src.when, es.params):
                         plan_steps.append(steps.FileStep(self._source_plan(el, i, es)))
         with self.session.enter("validation"):
-            for el in es.elements:
-                rpms = [Path(p) for item in el.spec.rpms if holds(item.when, es.params)
-                        for p in es.params.get(item.src) or []]
-                if rpms:
-                    plan_steps.append(steps.RpmStep(el.name, rpms))
-            phases = steps.PhasesStep.plan(es, self.ctx)
+            package_step = steps.PackageStep() if steps.PackageStep.wanted(self.ctx) else None
+            if package_step is not None:
+                plan_steps.append(package_step)
+            phases = steps.PhasesStep.plan(es, self.ctx, package_step)
             if phases is not None:
                 plan_steps.append(phases)
             for i, ov in enumerate(r.spec.overlays):
@@ -201,8 +202,13 @@ class Builder:
         epoch, epoch_source = self.ctx.epoch()
         with self.session.enter("assembly"):
             tree = self.ctx.tree()
+            hidden_package_files: list[str] = []
             for name, gen in plan.generators.items():
-                self._check_hidden(tree, name, gen.hidden_paths())
+                hidden_package_files += self._check_hidden(tree, name, gen.hidden_paths())
+            if hidden_package_files:
+                ui.warn(f"{len(hidden_package_files)} files that packages installed lie under "
+                        "paths the deployment mounts over at run time (normal for /etc and "
+                        "/var/lib: the DPU's own are used); manifest.json lists them")
             artifacts, stats = self._write_rootfs(tree, epoch, out.staging)
         sections: dict[str, Any] = {}
         for name, gen in plan.generators.items():
@@ -210,7 +216,8 @@ class Builder:
                 sections[name] = gen.write(out.staging)
                 for w in gen.warnings():
                     ui.warn(w)
-        manifest = self.manifest(plan, epoch, epoch_source, stats, artifacts, sections)
+        manifest = self.manifest(plan, epoch, epoch_source, stats, artifacts, sections,
+                                 hidden_package_files)
         fileio.write_atomic(out.staging / "manifest.json",
                                   json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         fileio.write_atomic(out.staging / "SHA256SUMS", outputs.sha256sums(
@@ -229,28 +236,37 @@ class Builder:
                            "size": published.stat().st_size, "format": art.format})
         return final, result, manifest
 
-    def _check_hidden(self, tree: assemble.Tree, generator: str, hidden: list[str]) -> None:
+    def _check_hidden(self, tree: assemble.Tree, generator: str, hidden: list[str]
+                      ) -> list[str]:
         """Files an element or overlay puts where the generated deployment
-        hides them at run time are errors unless the recipe allows them."""
+        hides them at run time are errors unless the recipe allows them;
+        packages put files there as a matter of course: those are returned,
+        for the manifest and one warning."""
         kinds = {id(r.layer): r for r in self.ctx.records}
         allowed = [a.rstrip("/") for a in self.recipe.spec.allow_shadowed]
+        from_packages: list[str] = []
         for shadow in hidden:
             prefix = shadow.strip("/").encode()
             names = sorted(n for n in tree.nodes
                            if (n == prefix or n.startswith(prefix + b"/"))
                            and (layer := tree.layer_of(n)) is not None
-                           and kinds[id(layer)].kind in ("element", "overlay", "source")
+                           and kinds[id(layer)].kind in ("element", "overlay", "source",
+                                                         "packages")
                            and tree.nodes[n].type != assemble.DIR)
             for name in names:
                 path = "/" + name.decode("utf-8", "replace")
                 if any(path == a or path.startswith(a + "/") for a in allowed):
                     continue
                 rec = kinds[id(tree.layer_of(name))]
+                if rec.kind == "packages":
+                    from_packages.append(path)
+                    continue
                 raise UserError(
                     f"{rec.label} puts {path} under {shadow}, which the {generator} "
                     "mounts over at run time, so the file would be hidden",
                     where=str(self.recipe.path),
                     hint="move it, or list it under allow_shadowed: if that is intended")
+        return from_packages
 
     def _write_rootfs(self, tree: assemble.Tree, epoch: int, staging: Path
                       ) -> tuple[list[dict[str, Any]], assemble.AssemblyStats]:
@@ -259,8 +275,12 @@ class Builder:
         image_formats: list[str] = [f for f in formats if f in IMAGE_FORMATS]
         scratch_tar = bool(image_formats) and "tar" not in tar_formats
         sink_formats = tar_formats + (["tar"] if scratch_tar else [])
+        oci_info = oci.ImageInfo.from_build(self.recipe, self.ctx.base_info.get("arch", ""),
+                                            self.ctx.inputs["base.image"]["sha256"], epoch)
         with outputs.open_sinks(staging, sink_formats) as tee, \
                 ui.bar("writing rootfs", None) as bar:
+            oci_layer = oci.layer_sink(staging, oci_info, list(formats), tee.sinks)
+
             def write(data: bytes) -> None:
                 tee.write(data)
                 bar.update(len(data))
@@ -271,6 +291,9 @@ class Builder:
             artifacts.append({"path": f"rootfs.{fmt}", "format": fmt,
                               "sha256": s.file.sha.hexdigest(), "size": s.file.size,
                               "reproducibility": "bit-identical"})
+        if oci_layer is not None:
+            image = oci.write_layout(staging / oci.LAYOUT_DIR, oci_layer, oci_info)
+            artifacts.append(image.artifact())
         if image_formats:
             from .images import ImageSpec, write_images
             out = self.recipe.spec.output
@@ -286,12 +309,14 @@ class Builder:
         if scratch_tar:
             (staging / "rootfs.tar").unlink()
         for a in artifacts:  # not the umask's business: the bundle records modes
-            os.chmod(staging / a["path"], 0o644)
+            if a["format"] != oci.FORMAT:   # a directory; write_layout sets its modes
+                os.chmod(staging / a["path"], 0o644)
         return artifacts, stats
 
     def manifest(self, plan: Plan, epoch: int, epoch_source: str,
                  stats: assemble.AssemblyStats, artifacts: list[dict[str, Any]],
-                 sections: dict[str, Any]) -> dict[str, Any]:
+                 sections: dict[str, Any], hidden_package_files: list[str]
+                 ) -> dict[str, Any]:
         r, es, ctx = self.recipe, plan.es, self.ctx
         params = {}
         for k, v in sorted(es.params.items()):
@@ -329,8 +354,29 @@ class Builder:
             "rootfs": {"entries": stats.entries, "tar_bytes": stats.tar_bytes},
             "artifacts": artifacts,
             "generated": sections,
+            "packages": package_list(ctx.records, hidden_package_files),
+            "not_reproducible": [n for rec in ctx.records
+                                 for n in rec.info.get("not_reproducible", [])
+                                 + rec.info.get("packages", {}).get("not_reproducible", [])],
             "notes": ctx.notes,
         }
+
+
+def package_list(records: list[LayerRecord], hidden: list[str]) -> dict[str, Any]:
+    """The packages the rootfs got from package steps (name, epoch, version,
+    release, arch, the RPM file's sha256), as a release pipeline archives
+    them, with what was removed and the files a deployment mount hides."""
+    installed: dict[str, dict[str, Any]] = {}
+    removed: list[str] = []
+    for rec in records:
+        done = rec.info.get("packages") or {}
+        for p in done.get("installed", []):
+            installed[p["name"]] = p
+        for nevra in done.get("removed", []):
+            removed.append(nevra)
+            installed.pop(nevra.rsplit("-", 2)[0], None)
+    return {"installed": [installed[n] for n in sorted(installed)], "removed": removed,
+            "hidden_at_run_time": hidden}
 
 
 def plan_generators(recipe: Recipe, es: elements.ElementSet) -> dict[str, generators.Generator]:

@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import ui
 from .errors import UserError
@@ -59,6 +59,18 @@ ENTRY_LAYOUT = 2
 def default_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rootfs-build"
+
+
+class RemoteSource(Protocol):
+    """Where a missing entry may be fetched from instead of built (e.g.
+    remote_cache.RemoteCache, a registry)."""
+
+    def fetch(self, key: str, directory: Path) -> dict[str, Any] | None:
+        """Put entry `key`'s files into the empty `directory`, each checked
+        against the size and sha256 it is listed with, and return
+        {"files": {name: {"size", "sha256"}}, "info": ...}; or None (then
+        `directory` is empty again).  Never raises for a registry problem."""
+        ...
 
 
 @dataclasses.dataclass
@@ -79,6 +91,9 @@ class Cache:
         self.root = Path(directory) if directory else default_dir()
         self._private: Path | None = None
         self._held: list[int] = []
+        self.remote: RemoteSource | None = None   # consulted on a miss, before building
+        self.used: list[str] = []      # keys get_or_build returned, in order
+        self.fetched: list[str] = []   # of those, the ones the remote supplied
         if not enabled:
             self._private = Path(tempfile.mkdtemp(prefix="rootfs-build-nocache-"))
             self.root = self._private
@@ -196,7 +211,8 @@ class Cache:
     def get_or_build(self, key: str, build: Callable[[Path], dict[str, Any]],
                      *, kind: str, label: str) -> tuple[Path, bool]:
         """The directory of entry `key`, building it with build(tmpdir) when
-        absent or damaged.  Returns (directory, was_built)."""
+        absent or damaged (unless the remote has it).  Returns (directory,
+        was_built)."""
         d = self.entry_dir(key)
         # A hit needs only a shared lock, so builds that share entries (the
         # base layer, say) run side by side; building or discarding takes
@@ -206,17 +222,26 @@ class Cache:
             if self._hit_or_exclusive(fd, key):
                 self._touch(key)
                 self._held.append(fd)
+                self.used.append(key)
                 return d, False
             if d.exists():
                 problem = self._check(key)
                 if problem is None:
                     self._touch(key)
                     self._keep_shared(fd)
+                    self.used.append(key)
                     return d, False
                 self._discard(key, problem)
             with self.staging(f"{kind}-") as tmp:
-                info = build(tmp)
-                files = self._describe_files(tmp)
+                fetched = self.remote.fetch(key, tmp) if self.remote is not None else None
+                if fetched is not None:
+                    # no stat recorded: the first use hashes the fetched files
+                    # again and records it
+                    files, info = fetched["files"], fetched["info"]
+                    self.fetched.append(key)
+                else:
+                    info = build(tmp)
+                    files = self._describe_files(tmp)
                 meta = {"key": key, "kind": kind, "label": label, "created": int(time.time()),
                         "layout": ENTRY_LAYOUT, "files": files, "info": info}
                 with open(tmp / ENTRY_META, "w") as f:
@@ -228,7 +253,8 @@ class Cache:
                 _fsync_dir(d.parent)
             self._touch(key)
             self._keep_shared(fd)
-            return d, True
+            self.used.append(key)
+            return d, fetched is None
         except BaseException:
             os.close(fd)
             raise

@@ -14,7 +14,7 @@ from . import __version__, ui
 from .errors import BuildInterrupted, UserError
 from .session import Session
 
-COMMANDS = ("build", "validate", "inspect", "cache", "demo")
+COMMANDS = ("build", "validate", "inspect", "cache", "demo", "push", "pull")
 
 
 def _size(text: str) -> int:
@@ -50,6 +50,29 @@ def parser() -> argparse.ArgumentParser:
                             help="stop an appliance call that makes no progress for this long "
                                  "(default: 1800; starting the appliance always gets at least "
                                  "600)")
+    registry_opts = argparse.ArgumentParser(add_help=False)
+    reg = registry_opts.add_argument_group(
+        "registry access (credentials: --creds-file, else $REGISTRY_AUTH_FILE, else "
+        "~/.docker/config.json; never on the command line)")
+    reg.add_argument("--creds-file", type=Path, metavar="FILE",
+                     help="registry credentials (docker config.json / containers auth.json)")
+    reg.add_argument("--ca-file", type=Path, metavar="FILE",
+                     help="trust this CA certificate (PEM) for the registry's TLS")
+    reg.add_argument("--insecure", action="store_true",
+                     help="plain HTTP (only for a registry on this machine)")
+    reg.add_argument("--registry-timeout", type=float, default=60, metavar="SECONDS",
+                     help="give up on a registry that does not connect or send for this long "
+                          "(default: 60)")
+    remote_opts = argparse.ArgumentParser(add_help=False, parents=[registry_opts])
+    rem = remote_opts.add_argument_group("registries")
+    rem.add_argument("--push", metavar="REF",
+                     help="after the build, push it as REF (needs the oci format); see "
+                          "'rootfs-build push'")
+    rem.add_argument("--cache-from", metavar="REPO",
+                     help="fetch missing layer cache entries from this registry repository")
+    rem.add_argument("--cache-to", metavar="REPO",
+                     help="after the build, push its layer cache entries to this registry "
+                          "repository")
     recipe_opts = argparse.ArgumentParser(add_help=False)
     recipe_opts.add_argument("recipe", type=Path, help="recipe YAML file")
     recipe_opts.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -65,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version, nargs=0,
                    help="show the version and the shipped element set's digest")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("build", parents=[common, recipe_opts, build_opts, cache_opts],
+    sub.add_parser("build", parents=[common, recipe_opts, build_opts, cache_opts, remote_opts],
                    help="build a recipe into DIR/<name>/")
     sub.add_parser("validate", parents=[common, recipe_opts],
                    help="check a recipe and its elements; list missing inputs")
@@ -86,9 +109,22 @@ def parser() -> argparse.ArgumentParser:
         help="hash every file of every entry and remove the damaged ones (a build "
              "re-hashes a file only when its size, inode, mtime or ctime changed); "
              "exit 1 when something was damaged")
-    sub.add_parser("demo", parents=[common, build_opts, cache_opts],
+    sub.add_parser("demo", parents=[common, build_opts, cache_opts, remote_opts],
                    help="lay out the demo (recipe, overlay, stand-in inputs) under the "
                         "cache directory, made once, and build it")
+    push = sub.add_parser("push", parents=[common, registry_opts],
+                          help="push a build's output directory (with the oci format) to a "
+                               "registry: the image as REF, the other files as REF's tag + "
+                               "'.bundle'")
+    push.add_argument("directory", type=Path, metavar="OUTPUT_DIR",
+                      help="a build's output directory, e.g. output/NAME")
+    push.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY[:TAG] (tag: latest)")
+    pull = sub.add_parser("pull", parents=[common, registry_opts],
+                          help="fetch a pushed build into DIR/<name>/, every blob verified, "
+                               "published in one rename")
+    pull.add_argument("ref", metavar="REF", help="HOST[:PORT]/REPOSITORY:TAG")
+    pull.add_argument("-o", "--output", type=Path, default=Path("output"), metavar="DIR",
+                      help="output root; the build goes to DIR/<name>/ (default: ./output)")
     return p
 
 
@@ -99,37 +135,107 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
         print(text)
 
 
+def _registry_options(args: argparse.Namespace) -> Any:
+    from .registry import Options
+
+    if args.registry_timeout <= 0:
+        raise UserError("--registry-timeout must be more than 0 seconds")
+    return Options(ca_file=args.ca_file, insecure=args.insecure, creds_file=args.creds_file,
+                   timeout=args.registry_timeout)
+
+
 def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | None = None,
               overrides: list[str] | None = None) -> int:
+    from . import distribute, oci
     from .build import BuildOptions, build
     from .cache import Cache
     from .recipe import load_recipe
+    from .registry import Client, Reference, RegistryError
+    from .remote_cache import Remotes
 
     recipe = load_recipe(recipe_path or args.recipe,
                          overrides if overrides is not None else args.overrides)
+    opts = _registry_options(args)
+    push_ref = Reference.parse(args.push, what="--push") if args.push else None
+    if push_ref is not None:
+        if oci.FORMAT not in recipe.spec.output.formats:
+            raise UserError("--push needs the oci format", where=recipe.where("output", "formats"),
+                            hint="add oci to output.formats (e.g. --set "
+                                 "'output.formats=[tar.zst, oci]')")
+        Client(push_ref, opts).ping()   # refused credentials fail now, not after the build
+    remotes = Remotes.from_flags(args.cache_from, args.cache_to, opts)
     cache = Cache(args.cache_dir, enabled=not args.no_cache)
     try:
+        remotes.attach(cache)
         result = build(recipe, BuildOptions(output_root=args.output, cache=cache,
                                             session=session, timeout=args.appliance_timeout))
+        summary = result.summary()
+        for layer in summary["layers"]:
+            if layer["key"] in cache.fetched:
+                layer["cache"] = "remote"
+        if args.cache_from or args.cache_to:
+            summary["remote_cache"] = remotes.finish(cache)
     finally:
         cache.close()
     lines = [f"built {result.name} in {result.seconds:.1f} s -> {result.directory}"]
     for a in result.artifacts:
         lines.append(f"  {a['sha256']}  {a['path']}  ({a['size']} bytes)")
-    _emit(args, result.summary(), "\n".join(lines))
+    if push_ref is not None:
+        try:
+            pushed = distribute.push_output(result.directory, push_ref, opts)
+        except RegistryError as e:
+            raise RegistryError(f"built {result.directory}, but pushing it failed: {e.message}",
+                                hint=e.hint or f"push it with: rootfs-build push "
+                                               f"{result.directory} {push_ref}") from None
+        summary["push"] = pushed.to_json()
+        lines.append(distribute.transfer_lines(pushed, "pushed"))
+    _emit(args, summary, "\n".join(lines))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, session: Session) -> int:
+    from . import distribute
+    from .registry import Reference
+
+    ref = Reference.parse(args.ref)
+    result = distribute.push_output(args.directory, ref, _registry_options(args))
+    _emit(args, result.to_json(), distribute.transfer_lines(result, "pushed"))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, session: Session) -> int:
+    from . import distribute
+    from .registry import Reference
+
+    ref = Reference.parse(args.ref)
+    result = distribute.pull_output(ref, args.output, _registry_options(args))
+    _emit(args, result.to_json(), distribute.transfer_lines(result, "pulled"))
     return 0
 
 
 def cmd_validate(args: argparse.Namespace, session: Session) -> int:
-    from . import elements
+    import tempfile
+
+    from . import elements, elfinfo, emulation, packages, steps
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     es = elements.load(recipe)
     missing_params = elements.required_missing(es)
-    missing = list(es.missing_inputs)
+    missing = list(es.missing_inputs) + steps.missing_package_inputs(recipe)
     if not recipe.spec.base.image.is_file():
         missing.insert(0, f"base.image: {recipe.spec.base.image}")
+    if recipe.spec.packages is not None and not steps.missing_package_inputs(recipe):
+        # the repositories and names, checked without installing anything
+        pk = recipe.spec.packages
+        request = packages.PackageRequest(repos=pk.repos, install=pk.install, remove=pk.remove,
+                                          gpgcheck=pk.gpgcheck, gpgkeys=pk.gpgkeys,
+                                          weak_deps=pk.weak_deps)
+        if request.install or request.remove:
+            arch = elfinfo.normalize_arch(recipe.spec.base.arch or emulation.host_arch())
+            with tempfile.TemporaryDirectory(prefix="rootfs-build-validate-") as tmp:
+                packages.check(request, arch=arch, workdir=Path(tmp),
+                               where=recipe.where("packages"))
     summary = {"recipe": str(recipe.path), "name": recipe.name, "valid": True,
                "elements": es.names(), "missing_inputs": missing,
                "missing_params": missing_params, "formats": list(recipe.spec.output.formats)}
@@ -226,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     handlers = {"build": cmd_build, "validate": cmd_validate, "inspect": cmd_inspect,
-                "cache": cmd_cache, "demo": cmd_demo}
+                "cache": cmd_cache, "demo": cmd_demo, "push": cmd_push, "pull": cmd_pull}
     try:
         return handlers[args.command](args, session)
     except UserError as e:

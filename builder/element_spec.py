@@ -217,8 +217,8 @@ class SourceItem:
 
 @dataclasses.dataclass(frozen=True)
 class RpmItem:
-    src: ParamRef = field(doc="a files param: RPM files whose payload is unpacked on the "
-                              "build host (scriptlets are not run)")
+    src: ParamRef = field(doc="a files param: RPM files the rootfs's own rpm/dnf installs "
+                              "in the package step (scriptlets run, the rpm database updated)")
     when: When = field((), doc=WHEN_DOC)
 
 
@@ -262,7 +262,7 @@ class ElementSpec:
     trees: tuple[TreeItem, ...] = field((), doc="directories copied like an overlay")
     deletions: tuple[RootfsPath, ...] = field((), doc="paths removed from the layers below")
     sources: tuple[SourceItem, ...] = field((), doc="source trees patched on the host")
-    rpms: tuple[RpmItem, ...] = field((), doc="RPM payloads")
+    rpms: tuple[RpmItem, ...] = field((), doc="RPM files to install")
     requires: tuple[Requirement, ...] = field((), doc="params needed together")
     run: RunSpec = field(RunSpec(), doc="how the element's pre-install.d, install.d and "
                                         "post-install.d scripts run")

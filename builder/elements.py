@@ -45,6 +45,9 @@ ELEMENT_CONTENT = {
     "environment.d": "sourced (inside the appliance) before each phase",
     "bin": "on PATH while the phases run",
     "static": "copied into the rootfs like an overlay",
+    "package-installs.yaml": "packages for the package step (diskimage-builder's semantics)",
+    "package-installs.json": "packages for the package step (diskimage-builder's semantics)",
+    "pkg-map": "maps the names of package-installs.yaml to the distribution's",
 }
 # Known not to matter for the rootfs: documentation and diskimage-builder's
 # own tests and Python package files.

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from . import confined, elfinfo, fileio, runner, ui
+from . import confined, elfinfo, fileio, rpmheader, runner, ui
 from .errors import UserError
 from .session import Session
 
@@ -47,6 +47,10 @@ _tcg_only = False
 QCOW2_MAGIC = b"QFI\xfb"
 
 RUN_DIR = "/.rootfs-build-run"
+# What a run step's layer is made by: part of its cache key, raised when
+# TreeSession changes what ends in a layer (2: SOURCE_DATE_EPOCH, clock at
+# the epoch, TRANSIENT_PATHS, rpm database and mtimes normalized, emulation).
+RUN_STEP_VERSION = 2
 # The tree (first scratch disk) becomes the lower layer of an overlay on
 # /sysroot; changes go to the second scratch disk; scripts and their log live
 # in a tmpfs, /tmp in another, so neither ends up in the step's layer.  The
@@ -54,30 +58,39 @@ RUN_DIR = "/.rootfs-build-run"
 # the kernel may name the disks in another order than the API's /dev/sdX,
 # which guestfsd translates but a shell does not.
 _LOWER_LABEL, _UPPER_LABEL = "rb-lower", "rb-upper"
+_UPPER = "/run/rb/upperfs/upper"
 _OVERLAY_UP = f"""set -e
 mkdir -p /run/rb/lower /run/rb/upperfs
-mount LABEL={_LOWER_LABEL} /run/rb/lower
-mount LABEL={_UPPER_LABEL} /run/rb/upperfs
-mkdir -p /run/rb/upperfs/upper /run/rb/upperfs/work
-mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir=/run/rb/upperfs/upper,\
+mountpoint -q /run/rb/lower || mount LABEL={_LOWER_LABEL} /run/rb/lower
+mountpoint -q /run/rb/upperfs || mount LABEL={_UPPER_LABEL} /run/rb/upperfs
+mkdir -p {_UPPER} /run/rb/upperfs/work
+mount -t overlay overlay -o lowerdir=/run/rb/lower,upperdir={_UPPER},\
 workdir=/run/rb/upperfs/work,index=off,metacopy=off,redirect_dir=off /sysroot
 mount -t tmpfs -o mode=0700 tmpfs /sysroot{RUN_DIR}
 mkdir -p /sysroot{RUN_DIR}/scripts
 mount -t tmpfs -o mode=1777 tmpfs /sysroot/tmp
 """
-_OVERLAY_DOWN = f"""set -e
-umount /sysroot/tmp
-umount /sysroot{RUN_DIR}
+# Unmounts everything below /sysroot (read-only repositories under RUN_DIR
+# first), then the overlay; the disks stay mounted for reset() and finish().
+_OVERLAY_DOWN = """set -e
+for m in $(while read -r _ m _; do case $m in /sysroot/*) echo "$m";; esac; done \
+           < /proc/self/mounts | sort -r); do umount "$m"; done
 umount /sysroot
-umount /run/rb/lower
-umount /run/rb/upperfs
 """
-# Run with an empty environment (bash's `exec -c`): the appliance's own
-# variables (root=/sysroot, RUNLEVEL=S, ...) never reach the scripts; they
-# get exactly these and the step's.
+# The environment of everything run inside the rootfs: fixed, so a step's
+# result does not depend on the build host's locale, zone or clock.  It runs
+# under bash's `exec -c` (an empty environment): the appliance's own variables
+# (root=/sysroot, RUNLEVEL=S, ...) never reach it; it gets exactly these and
+# the step's (exported in @EXPORTS@).
 RUN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C", "LC_ALL": "C", "TZ": "UTC", "HOME": "/root", "SHELL": "/bin/bash",
            "TMPDIR": "/tmp"}
+
+
+def _exports(env: dict[str, str]) -> str:
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted({**RUN_ENV, **env}.items()))
+
+
 _RUN_SH = f"""#!/bin/bash
 set -eu
 exec >>{RUN_DIR}/log 2>&1
@@ -88,7 +101,46 @@ for script in {RUN_DIR}/scripts/*; do
     "$script"
 done
 """
+# One command with the same environment, its output captured by the caller.
+_ONE_SH = """#!/bin/bash
+set -eu
+@EXPORTS@
+cd /
+exec "$@"
+"""
 
+# What run steps leave behind that would make two builds differ, and how it
+# is normalized (paths relative to the rootfs; @RPMDB@ is the rootfs's rpm
+# database directory).  Only what the step itself wrote is touched: a file
+# the base already had and the step left alone is not in the step's layer.
+#   drop   files the step wrote there are dropped, so the path reads as it
+#          did before the step (a cache, log, lock or seed); deletions stay
+#   empty  a file the step wrote there is truncated (a machine-id: systemd
+#          makes a new one at first boot)
+TRANSIENT_PATHS: tuple[tuple[str, str], ...] = (
+    ("drop", "var/cache/dnf"),              # dnf's metadata and package cache
+    ("drop", "var/cache/yum"),
+    ("drop", "var/log/dnf.log"),            # dnf's logs: times, pids
+    ("drop", "var/log/dnf.librepo.log"),
+    ("drop", "var/log/dnf.rpm.log"),
+    ("drop", "var/log/hawkey.log"),
+    ("drop", "var/lib/dnf/history.sqlite"),  # dnf's history database: times
+    ("drop", "var/lib/dnf/history.sqlite-shm"),
+    ("drop", "var/lib/dnf/history.sqlite-wal"),
+    ("drop", "var/cache/ldconfig/aux-cache"),  # ldconfig: inode numbers, times
+    ("drop", "var/lib/systemd/random-seed"),
+    ("drop", "var/lib/random-seed"),
+    ("drop", "var/lib/urandom/random-seed"),
+    ("drop", "etc/.pwd.lock"),              # shadow-utils' lock file
+    ("drop", "@RPMDB@/.rpm.lock"),          # rpm's locks and Berkeley DB environment
+    ("drop", "@RPMDB@/.dbenv.lock"),
+    ("drop", "@RPMDB@/__db.*"),
+    ("drop", "@RPMDB@/rpmdb.sqlite-shm"),
+    ("empty", "etc/machine-id"),
+)
+# Where rpm keeps its database on the distributions we know; the rootfs's own
+# `rpm --eval %_dbpath` is asked as well when the tree has rpm.
+RPMDB_DIRS = ("var/lib/rpm", "usr/lib/sysimage/rpm", "root/.rpmdb")
 
 class ApplianceError(UserError):
     """The appliance could not do what was asked."""
@@ -268,6 +320,12 @@ class Appliance:
     def add_scratch(self, size: int) -> None:
         """A temporary disk of `size` bytes (sparse; removed at close)."""
         self._drives.append(("", {"scratch": size}))
+
+    def add_run_scratch(self, tree_bytes: int, upper_bytes: int = 32 << 30) -> None:
+        """The two scratch disks run_in_tree / TreeSession need, first: one
+        for a tree of `tree_bytes` (tar bytes), one for the step's changes."""
+        self.add_scratch(max(int(tree_bytes * 1.5) + (512 << 20), 1 << 30))
+        self.add_scratch(upper_bytes)
 
     def _new_handle(self, tcg: bool) -> Any:
         self._killed_for, self._pid = None, 0  # nothing of a failed attempt carries over
@@ -596,65 +654,318 @@ class Appliance:
     # -- steps inside the rootfs ------------------------------------------
     def run_in_tree(self, tree: Callable[[BinaryIO], None], scripts: list[tuple[str, bytes]],
                     env: dict[str, str], consume_upper: Callable[[BinaryIO], T],
-                    *, step: str, files: Callable[[BinaryIO], None] | None = None) -> T:
+                    *, step: str, epoch: int, arch: str,
+                    files: Callable[[BinaryIO], None] | None = None,
+                    not_reproducible: list[str] | None = None) -> T:
         """Lay a rootfs tree onto scratch disk 1, run `scripts` chrooted in it
         under an overlay whose upper directory lives on scratch disk 2, and
-        hand the upper directory (the step's changes) to `consume_upper` as a
-        tar stream.  `files` (a tar stream) is unpacked into the rootfs's
-        /tmp first, which is a tmpfs during the run: what is there never
-        reaches the step's layer.  Needs two scratch drives added, in that
-        order."""
-        self.call("mkfs", "ext4", "/dev/sda", label=_LOWER_LABEL)
-        self.call("mount", "/dev/sda", "/")
-        self.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True},
-                       tree)
-        if self.guest_realpath("/bin/bash") is None:
-            raise UserError(f"{step}: the rootfs has no /bin/bash to run scripts with",
+        hand the upper directory (the step's changes, normalized: see
+        TreeSession.finish) to `consume_upper` as a tar stream.  Needs two
+        scratch drives added, in that order.  The scripts get
+        SOURCE_DATE_EPOCH=`epoch` and the appliance's clock starts at it; a
+        rootfs of another `arch` than the appliance's runs under a user-mode
+        emulator (emulation.require refuses first when there is none).
+        `files` (a tar stream) is unpacked into the rootfs's /tmp, a tmpfs
+        during the run: what is there never reaches the step's layer.
+        What could not be made identical is appended to `not_reproducible`
+        (normally nothing)."""
+        session = TreeSession(self, step=step, epoch=epoch, arch=arch)
+        session.lay(tree)
+        if files is not None:
+            session.put_tmp(files)
+        session.run_scripts(scripts, env)
+        value = session.finish(consume_upper)
+        if not_reproducible is not None:
+            not_reproducible.extend(session.not_reproducible)
+        return value
+
+
+class TreeSession:
+    """A rootfs tree laid out in the appliance for steps that run inside it.
+
+    Invariants: the tree (scratch disk 1) is never written; everything a step
+    changes lands in the overlay's upper directory (scratch disk 2); what the
+    session itself needs (scripts, logs, read-only repositories, dnf's cache)
+    lives under RUN_DIR or /tmp, tmpfs both, or outside /sysroot, so it
+    never reaches the layer.  Every command runs with SOURCE_DATE_EPOCH=epoch
+    in the fixed environment RUN_ENV (nothing of the appliance's), with the
+    appliance clock set to `clock` (default: the epoch) when the tree is laid
+    and at each reset().
+    """
+
+    def __init__(self, app: Appliance, *, step: str, epoch: int, arch: str,
+                 clock: int | None = None) -> None:
+        from . import emulation
+
+        self.app = app
+        self.step = step
+        self.epoch = epoch
+        self.arch = arch
+        self.clock = epoch if clock is None else clock
+        self.emulator = emulation.require(arch, step=step)
+        self.not_reproducible: list[str] = []
+        self.rpmdb_rewrites: list[float] = []   # seconds each rpm database rewrite took
+        self._binfmt_name = ""
+        self._rpmdb: str | None = None
+        self._rpm_checked = False
+        self._down = True
+
+    # -- set up -----------------------------------------------------------------
+    def lay(self, tree: Callable[[BinaryIO], None]) -> None:
+        app = self.app
+        app.call("mkfs", "ext4", "/dev/sda", label=_LOWER_LABEL)
+        app.call("mount", "/dev/sda", "/")
+        app.stream_in("tar_in", ("/",), {"xattrs": True, "selinux": True, "acls": True}, tree)
+        if app.guest_realpath("/bin/bash") is None:
+            raise UserError(f"{self.step}: the rootfs has no /bin/bash to run scripts with",
                             hint="scripts run inside the rootfs; install bash in the base")
-        if self.call("is_symlink", "/tmp") if self.call("exists", "/tmp") else False:
-            raise UserError(f"{step}: the rootfs's /tmp is a symlink",
-                            hint="scripts run with a private /tmp; make /tmp a directory "
-                                 "in the base")
+        if app.call("exists", "/tmp") and app.call("is_symlink", "/tmp"):
+            raise UserError(f"{self.step}: the rootfs's /tmp is a symlink",
+                            hint="steps run with a private /tmp; make /tmp a directory in the "
+                                 "base")
         # Mount points made on the lower disk only: the step's layer is the
         # upper directory, which does not see them.
-        self.call("mkdir_p", RUN_DIR)
-        self.call("mkdir_p", "/tmp")
-        self.call("umount_all")
-        self.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL)
-        self.call("debug", "sh", [_OVERLAY_UP])
-        if files is not None:
-            self.stream_in("tar_in", ("/tmp",), {}, files)
+        app.call("mkdir_p", RUN_DIR)
+        app.call("mkdir_p", "/tmp")
+        app.call("umount_all")
+        # no hashed directories on the upper disk: readdir then returns
+        # entries in the order the step made them, which is deterministic, so
+        # tar_out streams the layer in the same order on every build (a
+        # hashed directory's order depends on mkfs's random hash seed)
+        app.call("mkfs", "ext4", "/dev/sdb", label=_UPPER_LABEL, features="^dir_index")
+        self._up()
+        if self.emulator is not None:
+            self._register_emulator()
+
+    def _up(self) -> None:
+        self._down = False
+        self.app.call("debug", "sh", [_OVERLAY_UP + f"date -u -s @{int(self.clock)} >/dev/null\n"])
+        env = _exports({"SOURCE_DATE_EPOCH": str(int(self.epoch))})
+        self.app.call("write", f"{RUN_DIR}/one.sh", _ONE_SH.replace("@EXPORTS@\n", env))
+
+    def reset(self, *, clock: int | None = None) -> None:
+        """Drop everything steps changed so far (the upper directory) and
+        start again on the same tree, the clock set anew."""
+        if clock is not None:
+            self.clock = clock
+        down = "" if self._down else _OVERLAY_DOWN
+        self.app.call("debug", "sh", [down + f"rm -rf {_UPPER} /run/rb/upperfs/work\n"])
+        self._up()
+
+    def _register_emulator(self) -> None:
+        """binfmt_misc in the appliance's kernel: the emulator lives outside
+        /sysroot (F keeps it open; /sysroot must stay unmountable), so the
+        rootfs gets no trace of it.  Unregistered in finish()."""
+        emu = self.emulator
+        assert emu is not None
+        staged = f"{RUN_DIR}/{emu.path.name}"
+        self.app.call("upload", str(emu.path), staged)
+        self._binfmt_name = f"rootfs-build-{emu.arch}"
+        interpreter = f"/run/rb/emu/{emu.path.name}"
+        self.app.call("debug", "sh", [f"""set -e
+mkdir -p /run/rb/emu
+mv /sysroot{staged} {interpreter}
+chmod 0755 {interpreter}
+modprobe binfmt_misc 2>/dev/null || true
+mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+printf '%s' {shlex.quote(emu.registration(self._binfmt_name, interpreter))} \
+  > /proc/sys/fs/binfmt_misc/register
+"""])
+
+    def put_tmp(self, files: Callable[[BinaryIO], None]) -> None:
+        """Unpack the tar stream `files` into the rootfs's /tmp (a tmpfs)."""
+        self.app.stream_in("tar_in", ("/tmp",), {}, files)
+
+    def mount_readonly(self, label: str, fstype: str, name: str) -> str:
+        """Mount the drive added with `label` read-only at RUN_DIR/name (in
+        the tmpfs, so nothing of it reaches the layer); the path inside the
+        rootfs."""
+        inside = f"{RUN_DIR}/{name}"
+        self.app.call("debug", "sh", [f"""set -e
+mkdir -p /sysroot{inside}
+mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{label} /sysroot{inside}
+"""])
+        return inside
+
+    # -- running ------------------------------------------------------------------
+    def command(self, argv: list[str]) -> str:
+        """Run argv chrooted in the rootfs with the session's environment;
+        its stdout.  A failure raises ApplianceError with its stderr."""
+        return str(self.app.call("command", ["/bin/bash", "-c", 'exec -c /bin/bash "$0" "$@"',
+                                             f"{RUN_DIR}/one.sh", *argv]))
+
+    def write(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file into the rootfs (use paths under RUN_DIR for the
+        session's own files)."""
+        self.app.call("write", path, data.encode() if isinstance(data, str) else data)
+        self.app.call("chmod", mode, path)
+
+    def has(self, path: str) -> bool:
+        """Whether `path` exists in the rootfs (symlinks resolved inside it)."""
+        return self.app.guest_realpath(path) is not None
+
+    def run_scripts(self, scripts: list[tuple[str, bytes]], env: dict[str, str], *,
+                    explain: Callable[[str], str | None] | None = None,
+                    hint: str = "-v shows the last lines of its output") -> None:
+        """Run `scripts` in order (their output in one log); a failure is one
+        UserError line: `explain(log)` when it recognizes the log, else the
+        last line of the output."""
+        self.app.call("rm_rf", f"{RUN_DIR}/scripts")
+        self.app.call("mkdir_p", f"{RUN_DIR}/scripts")
         for i, (name, data) in enumerate(scripts):
-            path = f"{RUN_DIR}/scripts/{i:03d}-{name}"
-            self.call("write", path, data)
-            self.call("chmod", 0o755, path)
-        exports = "".join(f"export {k}={shlex.quote(v)}\n"
-                          for k, v in sorted({**RUN_ENV, **env}.items()))
-        self.call("write", f"{RUN_DIR}/run.sh", _RUN_SH.replace("@EXPORTS@\n", exports))
+            self.write(f"{RUN_DIR}/scripts/{i:03d}-{name}", data, 0o755)
+        exports = _exports({**env, "SOURCE_DATE_EPOCH": str(int(self.epoch))})
+        self.write(f"{RUN_DIR}/run.sh", _RUN_SH.replace("@EXPORTS@\n", exports))
+        self.app.call("write", f"{RUN_DIR}/log", b"")
         try:
-            self.call("command", ["/bin/bash", "-c", f"exec -c /bin/bash {RUN_DIR}/run.sh"])
+            self.app.call("command", ["/bin/bash", "-c", f"exec -c /bin/bash {RUN_DIR}/run.sh"])
         except ApplianceError:
-            if self._killed_for is not None:  # timed out: qemu is gone, say so
+            if self.app._killed_for is not None:  # timed out: qemu is gone, say so
                 raise
-            try:
-                tail = [line for line in self.call("tail_n", 15, f"{RUN_DIR}/log") if line]
-            except ApplianceError:
-                tail = []
-            last = tail[-1] if tail else "(no output)"
-            try:  # the runner announces each script: name the one that failed
-                started = self.call("grep", "^rootfs-build: running ", f"{RUN_DIR}/log")
-            except ApplianceError:
-                started = []
-            which = (started[-1].removeprefix("rootfs-build: running ")
-                     if started else "a script")
+            log = self.log()
+            tail = [line for line in log.splitlines()[-15:] if line]
             if ui.verbose():
                 for line in tail:
                     ui.info(f"  | {line}")
-            raise UserError(f"{step}: {which} failed inside the rootfs: {last}",
-                            hint="-v shows the last lines of its output") from None
-        self.call("debug", "sh", [_OVERLAY_DOWN])
-        self.call("mount", "/dev/sdb", "/")
-        return self.tar_out("/upper", consume_upper)
+            explained = explain(log) if explain else None
+            if explained:
+                raise UserError(f"{self.step}: {explained}") from None
+            last = tail[-1] if tail else "(no output)"
+            # the runner announces each script: name the one that failed
+            started = [line.removeprefix("rootfs-build: running ")
+                       for line in log.splitlines() if line.startswith("rootfs-build: running ")]
+            which = started[-1] if started else "a script"
+            raise UserError(f"{self.step}: {which} failed inside the rootfs: {last}",
+                            hint=hint) from None
+
+    def log(self, limit: int = 1 << 20) -> str:
+        """The scripts' output so far (the last `limit` bytes)."""
+        return self.read_text(f"{RUN_DIR}/log", limit)
+
+    def read_text(self, path: str, limit: int = 1 << 20) -> str:
+        """The last `limit` bytes of a file in the rootfs, "" if it is missing."""
+        try:
+            size = self.app.call("filesize", path)
+            data = self.app.call("pread", path, min(size, limit), max(0, size - limit))
+        except ApplianceError:
+            return ""
+        return bytes(data).decode("utf-8", "replace")
+
+    # -- the rpm database -----------------------------------------------------------
+    def rpmdb_dir(self) -> str | None:
+        """The rootfs's rpm database directory (relative), None without rpm."""
+        if not self._rpm_checked:
+            self._rpm_checked = True
+            if self.has("/usr/bin/rpm"):
+                out = self.command(["rpm", "--eval", "%_dbpath"]).strip()
+                self._rpmdb = out.strip("/") or None
+        return self._rpmdb
+
+    def _normalize_rpmdb(self) -> None:
+        """Install times and transaction ids a step recorded after the epoch
+        are set to the epoch (like file mtimes, they are clamped).  rpm >=
+        4.18 takes the transaction id from SOURCE_DATE_EPOCH and gives the
+        n-th package of a transaction SOURCE_DATE_EPOCH + n as its install
+        time; older rpm records the clock.  Either way the database is
+        exported with the rootfs's own rpmdb, the two tags rewritten in the
+        headers (rpmheader.clamp_install_times) and imported into a new
+        database, so its content does not depend on the rpm version or on
+        how long the step took.  Seconds spent: rpmdb_rewrites."""
+        dbdir = self.rpmdb_dir()
+        if dbdir is None or not self._upper_has(dbdir):
+            return
+        times = self.command(["rpm", "-qa", "--qf", "%{INSTALLTIME} %{INSTALLTID}\\n"])
+        if not any(t.isdigit() and int(t) > self.epoch for t in times.split()):
+            return
+        started = time.monotonic()
+        export = f"{RUN_DIR}/rpmdb-export"
+        self.command(["/bin/bash", "-c", f"rpmdb --exportdb > {export}"])
+        with tempfile.TemporaryDirectory(prefix="rpmdb-") as tmp:
+            blob = Path(tmp) / "export"
+            self.app.call("download", export, str(blob))
+            blob.write_bytes(rpmheader.clamp_install_times(blob.read_bytes(), self.epoch))
+            self.app.call("upload", str(blob), export)
+        self.command(["/bin/bash", "-c", f"""set -e
+find /{dbdir} -mindepth 1 -maxdepth 1 ! -type d -delete
+rpmdb --initdb
+rpmdb --importdb < {export}
+rm -f {export}
+"""])
+        self.rpmdb_rewrites.append(time.monotonic() - started)
+
+    def _upper_has(self, rel: str) -> bool:
+        out = self.app.call("debug", "sh", [f"test -e {_UPPER}/{rel} && echo yes || true"])
+        return "yes" in str(out)
+
+    # -- finishing ------------------------------------------------------------------
+    def capture(self, consume_upper: Callable[[BinaryIO], T]) -> T:
+        """Normalize what the steps left (the rpm database's install times,
+        TRANSIENT_PATHS, mtimes after the epoch) and stream the upper directory (numeric owners,
+        xattrs, whiteouts) to `consume_upper`.  The session can go on after
+        a reset()."""
+        self._normalize_rpmdb()
+        dbdirs = sorted({*RPMDB_DIRS, *([self._rpmdb] if self._rpmdb else [])})
+        script = [_OVERLAY_DOWN, f"cd {_UPPER}\n"]
+        for action, pattern in TRANSIENT_PATHS:
+            for rel in ([pattern.replace("@RPMDB@", d) for d in dbdirs] if "@RPMDB@" in pattern
+                        else [pattern]):
+                script.append(_NORMALIZE[action].replace("@PATH@", rel))
+        # a WAL that still holds data is part of the database: keep it, say so
+        for d in dbdirs:
+            script.append(f"if [ -f {d}/rpmdb.sqlite-wal ] && [ ! -L {d}/rpmdb.sqlite-wal ]; "
+                          f"then if [ -s {d}/rpmdb.sqlite-wal ]; then echo WAL:{d}; "
+                          f"else rm -f {d}/rpmdb.sqlite-wal; fi; fi\n")
+        # mtimes after the epoch (files the step made, packaged files built
+        # later) are clamped here, not only at assembly: the layer's bytes
+        # must not depend on how long the step took
+        script.append(f"find . -newermt @{int(self.epoch)} -exec touch -h -d @{int(self.epoch)} "
+                      "{} +\n")
+        script.append(f"mount --bind {_UPPER} /sysroot\n")
+        out = str(self.app.call("debug", "sh", ["set -e\n" + "".join(script)]))
+        for line in out.splitlines():
+            if line.startswith("WAL:"):
+                self.not_reproducible.append(
+                    f"/{line[4:]}/rpmdb.sqlite-wal: the rpm database's write-ahead log was "
+                    "not checkpointed")
+        try:
+            return self.app.tar_out("/", consume_upper)
+        finally:
+            if self.app.g is not None and self.app._killed_for is None:
+                self.app.call("debug", "sh", ["umount /sysroot"])
+                self._down = True
+
+    def finish(self, consume_upper: Callable[[BinaryIO], T]) -> T:
+        """capture(), then close(): the session is over."""
+        value = self.capture(consume_upper)
+        self.close()
+        return value
+
+    def close(self) -> None:
+        """Unregister the emulator (the build host's binfmt_misc was never
+        touched; this is the appliance kernel's)."""
+        if self._binfmt_name:
+            self.app.call("debug", "sh", [
+                f"echo -1 > /proc/sys/fs/binfmt_misc/{self._binfmt_name}\n"
+                "umount /proc/sys/fs/binfmt_misc\n"])
+            self._binfmt_name = ""
+
+
+# Shell for each TRANSIENT_PATHS action, run in the upper directory; @PATH@
+# may be a glob.  Whiteouts (character devices) are deletions: kept.
+_NORMALIZE = {
+    "drop": """for f in @PATH@; do
+  if [ -L "$f" ] || [ -f "$f" ]; then rm -f "$f"
+  elif [ -d "$f" ]; then
+    find "$f" -mindepth 1 ! -type d ! -type c -delete
+    find "$f" -mindepth 1 -depth -type d -empty -delete
+  fi
+done
+""",
+    "empty": """for f in @PATH@; do
+  if [ -f "$f" ] && [ ! -L "$f" ] && [ -s "$f" ]; then : > "$f"; fi
+done
+""",
+}
 
 
 class _Worker:

@@ -46,6 +46,13 @@ _DIRECT = BUFFER // 4       # writes at least this large skip the Tee's buffer
 _FEED_DEPTH = 3             # blocks queued for a compressor
 
 
+def zstd_compressor() -> zstandard.ZstdCompressor:
+    """The project's zstd settings (see the module docstring): the same bytes
+    for the same input on every machine."""
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_WORKERS,
+                                    write_content_size=False, write_checksum=True)
+
+
 def compression_versions() -> dict[str, str]:
     return {"zlib": zlib.ZLIB_RUNTIME_VERSION, "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
             "python-zstandard": zstandard.__version__}
@@ -65,9 +72,8 @@ class TarSink:
             self._writer = gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
                                          fileobj=self.file, mtime=0)
         elif fmt == "tar.zst":
-            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_WORKERS,
-                                            write_content_size=False, write_checksum=True)
-            self._writer = cctx.stream_writer(self.file, closefd=False)  # type: ignore[arg-type]
+            self._writer = zstd_compressor().stream_writer(
+                self.file, closefd=False)  # type: ignore[arg-type]
         else:
             raise ValueError(fmt)
         self._queue: queue.Queue[Any] | None = None

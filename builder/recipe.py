@@ -24,8 +24,8 @@ from .spec import Check, Context, Marks, Shorthand, dotted, field, load, load_ya
 
 TAR_FORMATS = ("tar", "tar.gz", "tar.zst")
 IMAGE_FORMATS = ("squashfs", "raw", "qcow2")
-FORMATS = TAR_FORMATS + IMAGE_FORMATS
-Format = Literal["tar", "tar.gz", "tar.zst", "squashfs", "raw", "qcow2"]
+FORMATS = TAR_FORMATS + IMAGE_FORMATS + ("oci",)
+Format = Literal["tar", "tar.gz", "tar.zst", "squashfs", "raw", "qcow2", "oci"]
 
 
 def _input_path(value: Path, ctx: Context, key: tuple[str | int, ...]) -> Path:
@@ -44,6 +44,12 @@ def _output_name(value: str) -> str:
     except ValueError:
         raise ValueError(f"{value!r} may only hold A-Z a-z 0-9 . _ - (it names the output "
                          "directory; use e.g. dpu-rootfs)") from None
+
+
+def _non_empty(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
 
 
 def _headroom(value: float) -> float:
@@ -126,6 +132,35 @@ class OutputSpec:
     qcow2_compressed: bool = field(False, doc="compress the qcow2 clusters")
     bundle: bool = field(True, doc="also write OUTPUT/NAME.bundle.tar when an element "
                                    "generates a deployment")
+    oci_compression: Literal["zstd", "gzip"] = field(
+        "zstd", doc="the oci image's layer compression (gzip for older runtimes)")
+    oci_version: Annotated[str, Check(_non_empty, "text")] | None = field(
+        None, doc="org.opencontainers.image.version of the oci image")
+    oci_revision: Annotated[str, Check(_non_empty, "text")] | None = field(
+        None, doc="org.opencontainers.image.revision of the oci image (e.g. a commit)")
+
+
+def _package_name(value: str) -> str:
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not a package name or spec")
+    return value
+
+
+PackageName = Annotated[str, Check(_package_name, "package name")]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagesSpec:
+    repos: tuple[InputPath, ...] = field(
+        (), doc="local repositories: a directory with repodata/, a directory of *.rpm "
+                "(indexed at build time), or an .iso (an openEuler everything ISO works)")
+    install: tuple[PackageName, ...] = field(
+        (), doc="what the rootfs's own dnf installs from them (names, provides, globs)")
+    remove: tuple[PackageName, ...] = field((), doc="packages removed afterwards")
+    gpgcheck: bool = field(True, doc="every package must be signed by one of gpgkeys or a "
+                                     "key the rootfs trusts; false turns the check off")
+    gpgkeys: tuple[InputPath, ...] = field((), doc="armored public keys to trust")
+    weak_deps: bool = field(False, doc="also install weak dependencies (Recommends)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +181,9 @@ class RecipeSpec:
         (), doc="rootfs paths an element or overlay may fill although a deployment "
                 "mount hides them at run time (see Shadowed paths)")
     output: OutputSpec = field(OutputSpec(), doc="what to write")
+    packages: PackagesSpec | None = field(
+        None, doc="packages installed by the rootfs's own dnf (or rpm) inside the appliance, "
+                  "offline, with the elements' package-installs.yaml and RPM files")
     dib_env: dict[Annotated[str, Check(_dib_var, "variable")],
                   Annotated[Any, Check(_env_text, "text")]] = field(
         factory=dict, doc="diskimage-builder variables for the elements' scripts "

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import tempfile
@@ -30,18 +29,27 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from . import FORMAT_VERSION, assemble, checks, elfinfo, guestfs_io, ui
+from . import (
+    FORMAT_VERSION,
+    assemble,
+    checks,
+    dib_packages,
+    elfinfo,
+    emulation,
+    guestfs_io,
+    packages,
+    ui,
+)
 from .cache import Cache
 from .element_spec import holds
-from .elements import RUN_PHASES, ElementSet
+from .elements import RUN_PHASES, Element, ElementSet
 from .errors import UserError
 from .filelayers import FilePlan, Item, param_text, plan_overlay
 from .layer import Layer, build_layer_from_tar
-from .recipe import OverlaySpec, Recipe
+from .recipe import OverlaySpec, PackagesSpec, Recipe
 from .session import Session
 from .tarfmt import DIR, Member
 
-RUN_UPPER_BYTES = 32 << 30   # scratch disk for a run step's changes (sparse)
 # Where the phases' scripts and their element directories are, inside the
 # rootfs during the run (a tmpfs: nothing of it ends in a layer).  It is
 # diskimage-builder's in-chroot hooks path, which scripts may name.
@@ -59,10 +67,6 @@ def digest(doc: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def host_arch() -> str:
-    return elfinfo.normalize_arch(platform.machine())
-
-
 @dataclasses.dataclass
 class LayerRecord:
     kind: str
@@ -78,7 +82,9 @@ class Step(Protocol):
     label: str
     phase: str
 
-    def key(self, ctx: StepContext) -> str: ...
+    def key(self, ctx: StepContext) -> str | None:
+        """The step's cache key, or None when, all inputs known, it has
+        nothing to do (it then leaves no layer)."""
 
     def build(self, ctx: StepContext, tmp: Path) -> dict[str, Any]: ...
 
@@ -144,9 +150,11 @@ class StepContext:
         return guestfs_io.Appliance(label, session=self.session, smp=self.smp,
                                     timeout=kw.pop("timeout", None) or self.timeout, **kw)
 
-    def run(self, step: Step) -> LayerRecord:
+    def run(self, step: Step) -> LayerRecord | None:
         with self.session.enter(step.phase):
             key = step.key(self)
+            if key is None:
+                return None
             d, built = self.cache.get_or_build(key, lambda tmp: step.build(self, tmp),
                                                kind=step.kind, label=step.label)
         rec = LayerRecord(step.kind, step.label, key, built, Layer(d, step.label),
@@ -289,39 +297,127 @@ class FileStep:
         pass
 
 
-class RpmStep:
-    """RPM payloads unpacked on the build host, owners mapped through the
-    tree's /etc/passwd and /etc/group."""
+def element_env(ctx: StepContext, el: Element) -> dict[str, str]:
+    """What an element's package-installs.yaml `when:` may read: DIB's
+    variables for the base image, the recipe's dib_env, and the element's
+    params as PARAM_<NAME> (as its scripts see them)."""
+    es = ctx.es
+    assert es is not None
+    env = {**dib_environment(ctx.base_info.get("os_release", {}), ctx.base_info["arch"]),
+           **ctx.recipe.spec.dib_env}
+    for pname in el.spec.params:
+        value = es.params.get(pname)
+        env[f"PARAM_{pname.upper()}"] = ("\n".join(param_text(v) for v in value)
+                                         if isinstance(value, list) else param_text(value))
+    return env
 
-    kind = "rpm"
 
-    def __init__(self, element: str, paths: list[Path]):
-        self.element = element
-        self.paths = paths
-        self.label = f"element {element}: rpms"
-        self.phase = self.label
-        self._plan: FilePlan | None = None
+def missing_package_inputs(recipe: Recipe) -> list[str]:
+    """"key: path" of the recipe's package repositories and keys that are
+    not there (validate lists them; a build stops on the first)."""
+    spec = recipe.spec.packages
+    if spec is None:
+        return []
+    return [f"packages.{key}[{i}]: {p}" for key, paths in (("repos", spec.repos),
+                                                          ("gpgkeys", spec.gpgkeys))
+            for i, p in enumerate(paths) if not p.exists()]
 
-    def key(self, ctx: StepContext) -> str:
-        from . import rpm
-        tree = ctx.tree()
-        passwd, group = rpm.read_user_maps(
-            (tree.read_file(b"etc/passwd") or b"").decode("utf-8", "replace"),
-            (tree.read_file(b"etc/group") or b"").decode("utf-8", "replace"))
-        work = Path(tempfile.mkdtemp(prefix="rpms-", dir=ctx.workdir()))
-        plan, report = rpm.plan_rpms(self.paths, arch=ctx.base_info["arch"], passwd=passwd,
-                                     group=group, label=self.label, workdir=work)
-        if report.scriptlets_skipped:
-            ui.warn(f"element {self.element}: scriptlets not run (they would need the target "
-                    f"CPU): {', '.join(report.scriptlets_skipped)}")
-            ctx.notes.append(f"{self.element}: RPM scriptlets not run: "
-                             f"{', '.join(report.scriptlets_skipped)}")
-        self._plan = plan
-        return FileStep(plan).key(ctx)
+
+class PackageStep:
+    """Packages installed by the rootfs's own dnf (or rpm) in the appliance,
+    offline: the recipe's packages:, what the elements' package-installs.yaml
+    install (through their pkg-map), the RPM files of the elements' rpms:
+    items, then the recipe's remove:.  What elements list to uninstall (and
+    build-only packages) goes after their scripts, in the phases step."""
+
+    kind = "packages"
+    phase = "installing packages"
+
+    def __init__(self) -> None:
+        self.label = "packages"
+        self.request: packages.PackageRequest | None = None
+        self.repo_set: packages.RepoSet | None = None
+        self.uninstall: list[str] = []
+        self._records: list[LayerRecord] = []
+        self._epoch = 0
+
+    @staticmethod
+    def wanted(ctx: StepContext) -> bool:
+        """Whether the build has anything for a package step (known before
+        the base is read: the recipe's key, package-installs files, RPM
+        items that hold)."""
+        es = ctx.es
+        assert es is not None
+        return (ctx.recipe.spec.packages is not None
+                or any(el.path.joinpath(f).is_file() for el in es.elements
+                       for f in ("package-installs.yaml", "package-installs.json"))
+                or any(holds(item.when, es.params) and es.params.get(item.src)
+                       for el in es.elements for item in el.spec.rpms))
+
+    def _request(self, ctx: StepContext) -> packages.PackageRequest:
+        es = ctx.es
+        assert es is not None
+        spec = ctx.recipe.spec.packages or PackagesSpec()
+        install = list(spec.install)
+        uninstall: list[str] = []
+        rpm_files: list[Path] = []
+        for el in es.elements:
+            for item in el.spec.rpms:
+                if holds(item.when, es.params):
+                    rpm_files += [Path(p) for p in es.params.get(item.src) or []]
+            env = element_env(ctx, el)
+            wanted = dib_packages.read_element(el.name, el.path, env)
+            if wanted is None:
+                continue
+            for lists in wanted.phases.values():
+                install += [n for n in dib_packages.map_names(el.name, el.path, lists.install,
+                                                              env) if n not in install]
+                uninstall += [n for n in dib_packages.map_names(el.name, el.path,
+                                                                lists.uninstall, env)
+                              if n not in uninstall]
+        self.uninstall = uninstall
+        return packages.PackageRequest(
+            repos=spec.repos, install=tuple(install), remove=spec.remove,
+            rpm_files=tuple(rpm_files), gpgcheck=spec.gpgcheck, gpgkeys=spec.gpgkeys,
+            weak_deps=spec.weak_deps)
+
+    def key(self, ctx: StepContext) -> str | None:
+        self._records = list(ctx.records)
+        self._epoch, _ = ctx.epoch()
+        self.request = self._request(ctx)
+        where = ctx.recipe.where("packages")
+        if not (self.request.install or self.request.remove or self.request.rpm_files):
+            return None  # uninstalls alone are the phases step's
+        self.repo_set = packages.check(self.request, arch=ctx.base_info["arch"],
+                                       workdir=Path(tempfile.mkdtemp(prefix="packages-",
+                                                                     dir=ctx.workdir())),
+                                       where=where)
+        for f in self.repo_set.rpm_files:
+            ctx.inputs.setdefault(f"packages: {f.path}", {"path": str(f.path),
+                                                          "sha256": f.sha256})
+        return digest({"kind": "packages", "format": FORMAT_VERSION,
+                       "runner": guestfs_io.RUN_STEP_VERSION,
+                       "below": [r.key for r in self._records], "epoch": self._epoch,
+                       "request": packages.request_digest(self.request, self.repo_set)})
 
     def build(self, ctx: StepContext, tmp: Path) -> dict[str, Any]:
-        assert self._plan is not None
-        return self._plan.write(tmp)
+        assert self.request is not None and self.repo_set is not None
+        records, epoch = self._records, self._epoch
+        tree = ctx.tree(records)
+
+        def produce(sink: BinaryIO) -> None:
+            assemble.write_tree(tree, epoch, sink)
+
+        def consume(stream: BinaryIO) -> dict[str, Any]:
+            return build_layer_from_tar(stream, tmp, mtime_policy="clamp", source=self.label,
+                                        overlay_upper=True)
+
+        summary, done = packages.install(
+            self.request, self.repo_set, tree=produce,
+            tree_bytes=sum(r.layer.summary["tar_bytes"] for r in records), epoch=epoch,
+            arch=ctx.base_info["arch"], consume_upper=consume, step=self.label,
+            smp=ctx.smp, timeout=ctx.timeout)
+        return {"summary": summary, "packages": done.to_json()}
 
     def done(self, ctx: StepContext, rec: LayerRecord) -> None:
         pass
@@ -358,7 +454,9 @@ class PhasesStep:
 
     def __init__(self, hooks: FilePlan, inputs: FilePlan, runs: list[PhaseRun],
                  env: dict[str, str], network: bool, timeout: float | None,
-                 elements: list[str]):
+                 elements: list[str], package_step: PackageStep | None = None):
+        self.package_step = package_step   # its uninstall list is ours to do
+        self.uninstall: tuple[str, ...] = ()
         self.hooks = hooks
         self.inputs = inputs
         self.runs = runs
@@ -369,19 +467,22 @@ class PhasesStep:
         shown = (", ".join(scripts) if len(scripts) <= 3
                  else f"{len(scripts)} scripts in " + ", ".join(r.phase for r in runs
                                                                 if r.scripts))
-        self.label = f"element{'s' if len(elements) > 1 else ''} {', '.join(elements)} ({shown})"
+        self.label = (f"element{'s' if len(elements) > 1 else ''} {', '.join(elements)} ({shown})"
+                      if scripts else "package uninstalls")
         self.phase = f"running {self.label}"
         self._records: list[LayerRecord] = []
         self._epoch = 0
         self._env: dict[str, str] = {}
 
     @classmethod
-    def plan(cls, es: ElementSet, ctx: StepContext) -> PhasesStep | None:
-        """The phases of the elements whose `run.when` holds, or None when
-        no element has a script to run."""
+    def plan(cls, es: ElementSet, ctx: StepContext, package_step: PackageStep | None = None
+             ) -> PhasesStep | None:
+        """The phases of the elements whose `run.when` holds (and the
+        uninstalls the package step leaves to them), or None when no element
+        has a script to run and there is no package step."""
         taking = [el for el in es.elements if holds(el.spec.run.when, es.params)
                   and any((el.path / p).is_dir() for p in RUN_PHASES)]
-        if not taking:
+        if not taking and package_step is None:
             return None
         hooks = FilePlan("hooks", "element hooks")
         owner: dict[bytes, str] = {}
@@ -450,18 +551,16 @@ class PhasesStep:
         network = any(el.spec.run.network for el in taking)
         timeouts = [el.spec.run.timeout for el in taking if el.spec.run.timeout]
         step = cls(hooks, inputs, runs, env, network, max(timeouts) if timeouts else None,
-                   [el.name for el in taking])
+                   [el.name for el in taking], package_step)
         arch = ctx.recipe.spec.base.arch
         if arch:
             step.check_arch(elfinfo.normalize_arch(arch), ctx.recipe.where("base", "arch"))
         return step
 
     def check_arch(self, arch: str, where: str) -> None:
-        if arch != host_arch():
-            raise UserError(f"{self.label}: scripts run inside the rootfs, which is {arch}, "
-                            f"but the appliance is {host_arch()}", where=where,
-                            hint="for a foreign-arch rootfs, use prebuilt inputs instead of "
-                                 "scripts that build inside it")
+        """A rootfs of another architecture runs its scripts under a
+        user-mode emulator in the appliance; without one, refused now."""
+        emulation.require(arch, step=self.label, where=where)
 
     def driver(self) -> bytes:
         """The bash script that runs the phases in the appliance: per phase,
@@ -469,6 +568,8 @@ class PhasesStep:
         dib-run-parts does)."""
         lines = ["#!/bin/bash", "set -eu", 'hooks="$TMP_HOOKS_PATH"',
                  'export PATH="$PATH:$hooks/bin"']
+        if not any(run.scripts for run in self.runs):
+            lines.append(": no scripts")
         for run in self.runs:
             if not run.scripts:
                 continue
@@ -482,9 +583,13 @@ class PhasesStep:
             lines.append(")")
         return ("\n".join(lines) + "\n").encode()
 
-    def key(self, ctx: StepContext) -> str:
+    def key(self, ctx: StepContext) -> str | None:
         self._records = list(ctx.records)
         self._epoch, _ = ctx.epoch()
+        if self.package_step is not None:
+            self.uninstall = tuple(self.package_step.uninstall)
+        if not any(run.scripts for run in self.runs) and not self.uninstall:
+            return None
         self.check_arch(ctx.base_info["arch"], str(ctx.recipe.path))
         for plan in (self.hooks, self.inputs):
             FileStep(plan).key(ctx)
@@ -494,10 +599,11 @@ class PhasesStep:
                      "TMP_HOOKS_PATH": HOOKS_DIR, "SOURCE_DATE_EPOCH": str(self._epoch)}
         env = self._env
         return digest({"kind": "run", "format": FORMAT_VERSION,
+                       "runner": guestfs_io.RUN_STEP_VERSION,
                        "below": [r.key for r in self._records], "epoch": self._epoch,
                        "hooks": self.hooks.key(), "inputs": self.inputs.key(),
                        "runs": [dataclasses.astuple(r) for r in self.runs], "env": env,
-                       "network": self.network})
+                       "network": self.network, "uninstall": self.uninstall})
 
     def build(self, ctx: StepContext, tmp: Path) -> dict[str, Any]:
         records, epoch = self._records, self._epoch
@@ -507,8 +613,7 @@ class PhasesStep:
         files = _merge_plans(self.hooks, self.inputs, HOOKS_DIR)
         files.write(work)
         app = ctx.appliance(self.label, timeout=self.timeout, network=self.network)
-        app.add_scratch(max(int(tree_bytes * 1.5) + (512 << 20), 1 << 30))
-        app.add_scratch(RUN_UPPER_BYTES)
+        app.add_run_scratch(tree_bytes)
 
         def consume(stream: BinaryIO) -> dict[str, Any]:
             return build_layer_from_tar(stream, tmp, mtime_policy="clamp", source=self.label,
@@ -522,10 +627,23 @@ class PhasesStep:
                 while chunk := f.read(1 << 20):
                     sink.write(chunk)
 
+        removed: dict[str, Any] = {}
         with app:
-            summary = app.run_in_tree(produce, [("phases", self.driver())], self._env, consume,
-                                      step=self.label, files=produce_files)
-        return {"summary": summary, "runs": [dataclasses.asdict(r) for r in self.runs]}
+            session = guestfs_io.TreeSession(app, step=self.label, epoch=epoch,
+                                             arch=ctx.base_info["arch"])
+            session.lay(produce)
+            session.put_tmp(produce_files)
+            session.run_scripts([("phases", self.driver())], self._env)
+            if self.uninstall:
+                # diskimage-builder's package-installs: uninstall and
+                # build-only packages go once the scripts have run
+                request = packages.PackageRequest(remove=self.uninstall, gpgcheck=False)
+                repo_set = packages.check(request, arch=ctx.base_info["arch"], workdir=work)
+                removed = packages.install_in_session(session, request, repo_set,
+                                                      []).to_json()
+            summary = session.finish(consume)
+        return {"summary": summary, "runs": [dataclasses.asdict(r) for r in self.runs],
+                "not_reproducible": session.not_reproducible, "packages": removed}
 
     def done(self, ctx: StepContext, rec: LayerRecord) -> None:
         pass

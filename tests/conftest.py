@@ -187,3 +187,26 @@ def read_tar(path: Path) -> dict[str, tuple[object, bytes | None]]:
             data = tf.extractfile(m).read() if m.isreg() else None  # type: ignore[union-attr]
             out[m.name] = (m, data)
     return out
+
+
+# -- registries (issue 14) ------------------------------------------------------
+
+REGISTRY_USER = "builder"
+REGISTRY_PASSWORD = "s3cret-Pa55-for-tests"
+
+
+@pytest.fixture(scope="session")
+def registry(session_dir: Path):
+    """A real registry (CNCF distribution) on 127.0.0.1: TLS from a throwaway
+    CA, htpasswd authentication."""
+    from builder.localregistry import LocalRegistry
+
+    with LocalRegistry(session_dir / "registry", tls=True,
+                       users={REGISTRY_USER: REGISTRY_PASSWORD}) as reg:
+        yield reg
+
+
+def registry_args(reg, creds: Path | None = None) -> list[str]:
+    """The CLI options that reach `reg` with the test user's credentials."""
+    return ["--ca-file", str(reg.ca_file),
+            "--creds-file", str(creds or reg.auth_file(REGISTRY_USER))]

@@ -264,8 +264,9 @@ elements: [looper]
 @pytest.mark.appliance
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="needs a foreign-arch base")
 def test_install_script_never_runs_on_the_host(hostile: Hostile, tmp_path: Path) -> None:
-    """The run step is refused for the aarch64 base: the script, which would
-    leave a marker on the host, runs nowhere."""
+    """Without an emulator for aarch64 (ROOTFS_BUILD_QEMU_DIR points where
+    there is none) the run step is refused before any appliance: the
+    script, which would leave a marker on the host, runs nowhere."""
     marker = tmp_path / "marker"
     write_element(tmp_path, "runner", None, {
         "install.d/10-touch": f"#!/bin/sh\ntouch {marker}\n"})
@@ -275,8 +276,12 @@ name: runner
 base: {{image: {hostile.image}}}
 elements: [runner]
 """)
-    res = _build(recipe, tmp_path / "out", hostile.cache)
-    refused(res, tmp_path / "out", "install.d/10-touch", "aarch64", launches=0)
+    no_qemu = tmp_path / "no-qemu"
+    no_qemu.mkdir()
+    res = run_cli(recipe, "-o", tmp_path / "out", "--cache-dir", hostile.cache, "--json",
+                  env={"ROOTFS_BUILD_QEMU_DIR": str(no_qemu)}, timeout=600)
+    refused(res, tmp_path / "out", "install.d/10-touch", "aarch64", "no emulator",
+            launches=0)
     assert not marker.exists()
 
 
