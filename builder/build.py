@@ -146,7 +146,8 @@ class Builder:
                 plan_steps.append(phases)
             for i, ov in enumerate(r.spec.overlays):
                 plan_steps.append(steps.FileStep(
-                    filelayers.plan_overlay(ov, i, r.where("overlays", i))))
+                    filelayers.plan_overlay(ov, i, r.where("overlays", i),
+                                            shown=r.written("overlays", i))))
         return Plan(es, plan_steps, gens)
 
     def _source_plan(self, el: elements.Element, i: int, es: elements.ElementSet
@@ -336,7 +337,7 @@ class Builder:
                      "format_version": FORMAT_VERSION, "elements": shipped.elements_digest(),
                      **outputs.compression_versions()},
             "recipe": {"file": r.path.name, "sha256": sha256_file(r.path)},
-            "base": {"image": r.data["base"]["image"],
+            "base": {"image": r.written("base", "image"),
                      "sha256": ctx.inputs["base.image"]["sha256"],
                      "os_release": ctx.base_info.get("os_release", {}),
                      "arch": ctx.base_info.get("arch"),

@@ -113,9 +113,12 @@ def _join(base: bytes, rel: bytes) -> bytes:
 # overlays
 
 
-def plan_overlay(overlay: OverlaySpec, index: int, where: str) -> FilePlan:
+def plan_overlay(overlay: OverlaySpec, index: int, where: str, shown: str | None = None
+                 ) -> FilePlan:
+    """`shown` is the path as the recipe wrote it, for the layer's label (which
+    the manifest records); default: the resolved path."""
     src = overlay.path
-    label = f"overlays[{index}] ({src})"
+    label = f"overlays[{index}] ({shown or src})"
     if not src.exists():
         raise UserError(f"{src}: overlay directory not found", where=where,
                         hint="overlay paths are relative to the recipe's directory")

@@ -218,6 +218,15 @@ class Recipe:
         directory when it was given with --set."""
         return resolve(self.ctx.relative_base(key), value)
 
+    def written(self, *key: str | int) -> str:
+        """The path at `key` as the recipe wrote it (an item given in its
+        short form stands for its `path`).  The manifest shows these, so that
+        it does not depend on where the recipe and its inputs lie."""
+        node: Any = self.data
+        for k in key:
+            node = node[k]
+        return str(node["path"] if isinstance(node, dict) else node)
+
 
 def resolve(base: Path, value: str) -> Path:
     p = Path(os.path.expanduser(value))  # leaves ~nosuchuser as it is

@@ -197,7 +197,7 @@ class BaseStep:
         self.label = f"base {image.name}"
         self.fmt = guestfs_io.image_format(image)
         with ctx.session.enter("hashing the base image"):
-            sha = ctx.record_input("base.image", r.data["base"]["image"], image)
+            sha = ctx.record_input("base.image", r.written("base", "image"), image)
         if r.spec.base.sha256 and sha != r.spec.base.sha256:
             raise UserError(f"base image {image} has sha256 {sha}, the recipe expects "
                             f"{r.spec.base.sha256}", where=r.where("base", "sha256"),
@@ -393,8 +393,9 @@ class PackageStep:
                                                                      dir=ctx.workdir())),
                                        where=where)
         for f in self.repo_set.rpm_files:
-            ctx.inputs.setdefault(f"packages: {f.path}", {"path": str(f.path),
-                                                          "sha256": f.sha256})
+            # by file name: the manifest must not depend on where the inputs lie
+            ctx.inputs.setdefault(f"packages: {f.path.name}", {"path": f.path.name,
+                                                               "sha256": f.sha256})
         return digest({"kind": "packages", "format": FORMAT_VERSION,
                        "runner": guestfs_io.RUN_STEP_VERSION,
                        "below": [r.key for r in self._records], "epoch": self._epoch,

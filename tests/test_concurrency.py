@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -290,20 +289,21 @@ def test_cache_prune_spares_entries_a_running_build_uses(demo_build: Build, area
 
 def test_cache_prune_leaves_a_running_builds_work_dir(demo_build: Build, area: Path,
                                                       tmp_path: Path) -> None:
-    """Source trees are unpacked and patched in the cache's tmp/ before any layer
-    is made; a prune meanwhile must not take them from the build."""
+    """A run step's hooks tree is laid out in the cache's tmp/ before its
+    appliance starts; a prune meanwhile must not take it from the build."""
     cache = copy_cache(area / "seed", tmp_path / "cache")
-    src = tmp_path / "src" / "libvirt-6.9.0"
-    src.mkdir(parents=True)
-    (src / "README").write_text("stand-in source\n")
-    archive = tmp_path / "libvirt-6.9.0.tar.gz"
-    subprocess.run(["tar", "-C", str(src.parent), "-czf", str(archive), src.name], check=True)
-    build = start_build(demo_build.recipe, "-o", tmp_path / "out", "--cache-dir", cache,
-                        "--json", "--set", "params.libvirt_mode=source",
-                        "--set", f"params.libvirt_source={archive}", logs=tmp_path / "logs")
+    install_d = tmp_path / "elements" / "slow" / "install.d"
+    install_d.mkdir(parents=True)
+    (install_d / "10-wait").write_text("#!/bin/bash\nsleep 600\n")
+    (install_d / "10-wait").chmod(0o755)
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text(f"name: slow\nbase: {{image: {demo_image(demo_build)}}}\n"
+                      "elements: [slow]\n")
+    build = start_build(recipe, "-o", tmp_path / "out", "--cache-dir", cache, "--json",
+                        logs=tmp_path / "logs")
     try:
-        build.wait_for(lambda: list((cache / "tmp").glob("work-*/source-*")),
-                       "the source tree to be unpacked")
+        build.wait_for(lambda: list((cache / "tmp").glob("work-*/hooks-*")),
+                       "the hooks tree to be laid out")
         os.kill(build.pid, signal.SIGSTOP)
         work = list((cache / "tmp").glob("work-*"))
         prune = run_cli("cache", "prune", "--cache-dir", cache, "--json")

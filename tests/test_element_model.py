@@ -13,6 +13,7 @@ import pytest
 import unit_helpers as h
 from bad_input_helpers import refused
 from conftest import Build, read_tar, run_cli, write_recipe
+from reliability_helpers import copy_cache
 from unit_helpers import make_element, make_recipe
 
 from builder import checks, elements, outputs, sampleimage
@@ -206,10 +207,11 @@ params:
 
 
 @pytest.mark.appliance
-def test_moving_the_inputs_keeps_every_cache_key(tmp_path: Path, demo_inputs: Path) -> None:
+def test_moving_the_inputs_keeps_every_cache_key(tmp_path: Path, demo_inputs: Path,
+                                                 demo_build: Build) -> None:
     """A run step's key used to hold the build host's absolute paths of its
     file params, so moving a checkout rebuilt the most expensive layer."""
-    cache = tmp_path / "cache"
+    cache = copy_cache(demo_build.cache, tmp_path / "cache")  # the base layer is cached
     first = _probe_area(tmp_path / "a", demo_inputs)
     res = run_cli(first, "-o", tmp_path / "a/out", "--cache-dir", cache, "--json")
     assert res.returncode == 0, res.stderr

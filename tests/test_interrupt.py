@@ -87,9 +87,11 @@ def _freeze_in_extraction(run, cache: Path) -> None:
     assert _extracting(cache), "extraction ended before the build was frozen"
 
 
-@pytest.mark.parametrize("signum", SIGNALS)
-def test_signal_during_base_extraction(signum: int, demo_build: Build, tmp_path: Path,
+def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path,
                                        reference: dict[str, str]) -> None:
+    # SIGTERM only: SIGINT takes the same path (one handler), and is sent
+    # during the launch, a run step and the assembly below.
+    signum = signal.SIGTERM
     cache, out = tmp_path / "cache", tmp_path / "out"
     r = recipe(tmp_path / "cold.yaml", "cold", demo_image(demo_build))
     run = start_build(r, "-o", out, "--cache-dir", cache, "--json", logs=tmp_path / "logs")

@@ -45,9 +45,10 @@ def build(recipe: Path, out: Path, cache: Path, *extra: str | Path,
 
 
 def elsewhere(demo_inputs: Path, dest: Path) -> Path:
-    """The demo recipe and its inputs copied to another directory."""
-    shutil.copytree(demo_inputs.parent, dest)
-    return dest / demo_inputs.name
+    """The demo (recipe, overlay, inputs) copied to another directory: the
+    recipe's path there."""
+    shutil.copytree(demo_inputs.parent.parent, dest)
+    return dest / demo_inputs.relative_to(demo_inputs.parent.parent)
 
 
 def warnings_of(res: CliResult) -> list[str]:

@@ -145,7 +145,7 @@ def aarch64_image(session_dir: Path) -> Path:
 
 
 @pytest.mark.appliance
-def test_x86_64_rexec_into_aarch64_rootfs_and_foreign_run_steps_are_refused(
+def test_x86_64_rexec_into_aarch64_rootfs_is_refused(
         aarch64_image: Path, demo_build: Build, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     inputs = demo_build.recipe.parent / "demo-inputs"
@@ -155,7 +155,8 @@ def test_x86_64_rexec_into_aarch64_rootfs_and_foreign_run_steps_are_refused(
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "out" / "plain" / "manifest.json").read_text())
     assert manifest["base"]["arch"] == "aarch64"
-    # With the base cached, both refusals below come without any appliance.
+    # With the base cached, the refusal comes without any appliance.  (Run steps
+    # on an aarch64 rootfs run under qemu-user: test_packages_appliance.py.)
     recipe = write_recipe(tmp_path / "a64.yaml", f"""\
 name: a64
 base: {{image: {aarch64_image}}}
@@ -166,23 +167,6 @@ params: {{rexec_bin: {inputs / 'rexec'}}}
     assert res.returncode != 0
     assert res.json["appliance_launches"] == 0
     assert "built for x86_64, but the rootfs is aarch64" in one_error_line(res.stderr)
-    # A run step cannot run an aarch64 rootfs in the x86_64 appliance: refused
-    # before any appliance starts for it (the base layer is cached by now).
-    element = tmp_path / "elements" / "needs-run" / "install.d"
-    element.mkdir(parents=True)
-    (element / "10-x").write_text("#!/bin/bash\ntrue\n")
-    (element / "10-x").chmod(0o755)
-    recipe = write_recipe(tmp_path / "a64-run.yaml", f"""\
-name: a64run
-base: {{image: {aarch64_image}}}
-elements: [needs-run]
-""")
-    res = run_cli(recipe, "-o", tmp_path / "out", "--cache-dir", cache, "--json")
-    assert res.returncode != 0
-    assert "element needs-run (install.d/10-x)" in res.stderr
-    assert "aarch64" in res.stderr and "prebuilt" in res.stderr
-    assert res.json["appliance_launches"] == 0
-    assert not (tmp_path / "out" / "a64run").exists()
 
 
 def _make_source(tmp: Path) -> tuple[Path, Path, Path]:

@@ -6,9 +6,9 @@ emulator registered in the appliance only.
 Appliance launches are batched: one x86_64 session runs every failing case
 (each after a reset of the step's changes), the good install twice with the
 clock on different days, the older-rpm path twice and the useradd steps;
-a second launch repeats the good install; one aarch64 session runs a run
-step and an RPM %post under emulation; the CLI test makes the aarch64
-qcow2 and builds a recipe with a run step on it.
+a second launch repeats the good install.  The aarch64 case goes through
+the CLI: a qcow2 of the aarch64 base and a recipe whose element runs a
+script and installs an RPM file, both under emulation.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from packages_helpers import (
 from builder import emulation, guestfs_io, packages
 from builder.errors import UserError
 from builder.layer import build_layer_from_tar
+from builder.session import Session
 
 pytestmark = pytest.mark.appliance
 
@@ -184,8 +185,8 @@ def _session(inputs: Inputs, name: str, repo_set: packages.RepoSet, drives: list
     """One appliance on the x86_64 base; each step gets the session after a
     reset (the first after lay)."""
     result = X86Session({}, {}, {}, {}, {}, 0)
-    before = guestfs_io.launches
-    app = guestfs_io.Appliance(name)
+    counter = Session()
+    app = guestfs_io.Appliance(name, session=counter)
     app.add_run_scratch(inputs.base_x86.stat().st_size)
     for d in drives:
         app.add_drive(d.path, fmt="raw", readonly=True, label=d.label)
@@ -200,7 +201,7 @@ def _session(inputs: Inputs, name: str, repo_set: packages.RepoSet, drives: list
                 session.reset()
             step(session)
             print(f"[{name}] {case}: {time.monotonic() - t:.1f} s")
-    result.launches = guestfs_io.launches - before
+    result.launches = counter.launches
     return result
 
 
@@ -482,61 +483,13 @@ def test_signed_package_with_its_key(x86: X86Session) -> None:
 
 # -- foreign architecture ------------------------------------------------------------
 
-@dataclasses.dataclass
-class ArmSession:
-    layers: dict[str, Path]
-    summaries: dict[str, packages.PackageSummary]
-
-
-@pytest.fixture(scope="module")
-def arm(inputs: Inputs) -> ArmSession:
-    if not emulation.can_run("aarch64"):
-        pytest.fail("qemu-user-static is missing: setup.sh installs it")
-    out = ArmSession({}, {})
-    request = packages.PackageRequest(rpm_files=(inputs.rpms["rb-arm"],), gpgcheck=False)
-    repo_set = packages.check(request, arch="aarch64", workdir=inputs.work / "check-arm")
-    app = guestfs_io.Appliance("aarch64 cases")
-    app.add_run_scratch(inputs.base_arm.stat().st_size)
-    with app:
-        s = guestfs_io.TreeSession(app, step="aarch64 run step", epoch=EPOCH, arch="aarch64")
-        s.lay(_tree(inputs.base_arm))
-        s.run_scripts([("uname", b"#!/bin/bash\nuname -m > /root/uname\n")], {})
-        s.capture(_consumer(inputs.work / "layers" / "arm run step"))
-        out.layers["run"] = inputs.work / "layers" / "arm run step"
-        for case, clock in (("rpm", EPOCH + 50), ("rpm, 2 days later", EPOCH + 2 * DAY)):
-            s.reset(clock=clock)
-            out.summaries[case] = packages.install_in_session(s, request, repo_set, [])
-            s.capture(_consumer(inputs.work / "layers" / f"arm {case}"))
-            out.layers[case] = inputs.work / "layers" / f"arm {case}"
-        s.close()
-    return out
-
-
-def _no_emulator_trace(layer: Path) -> None:
+def _no_emulator_trace(tf: tarfile.TarFile) -> None:
     emulator = Path("/usr/bin/qemu-aarch64-static").read_bytes()
-    for name, (_info, data) in layer_members(layer).items():
-        assert "qemu" not in name and "binfmt" not in name, name
-        assert data != emulator, name
-
-
-def test_aarch64_run_step_runs_under_emulation(arm: ArmSession) -> None:
-    m = layer_members(arm.layers["run"])
-    assert m["root/uname"][1] == b"aarch64\n"
-    _no_emulator_trace(arm.layers["run"])
-
-
-def test_aarch64_rpm_post_runs_under_emulation(arm: ArmSession, tmp_path: Path) -> None:
-    """The rootfs has rpm but no dnf: the RPM file installs with rpm -U; its
-    %post runs aarch64 code; two installs on different days are identical."""
-    summary = arm.summaries["rpm"]
-    assert summary.tool == "rpm"
-    assert [(p.name, p.arch) for p in summary.installed] == [("rb-arm", "aarch64")]
-    m = layer_members(arm.layers["rpm"])
-    assert m["var/lib/rb-arm/post-uname"][1] == b"aarch64\n"
-    assert rpm_qa(arm.layers["rpm"], tmp_path) == ["base-provides-1-1.noarch",
-                                                   "rb-arm-1.0-1.aarch64"]
-    assert _diff(arm.layers["rpm"], arm.layers["rpm, 2 days later"]) == []
-    _no_emulator_trace(arm.layers["rpm"])
+    for member in tf.getmembers():
+        assert "qemu" not in member.name and "binfmt" not in member.name, member.name
+        if member.isfile() and member.size == len(emulator):
+            f = tf.extractfile(member)
+            assert f is not None and f.read() != emulator, member.name
 
 
 # -- through the CLI: the qcow2 fixture and build.py's run step -------------------------
@@ -555,31 +508,61 @@ def arm_image(inputs: Inputs) -> Path:
     return image
 
 
-def test_cli_run_step_on_aarch64_base_and_refusal_without_emulator(
-        arm_image: Path, tmp_path: Path) -> None:
-    write_element(tmp_path, "uname", None, {
-        "install.d/10-uname": "#!/bin/bash\nset -e\nuname -m > /etc/built-for\n"})
+def test_aarch64_base_runs_scripts_and_rpm_under_emulation(arm_image: Path, inputs: Inputs,
+                                                           tmp_path: Path) -> None:
+    """The aarch64 Debian base (rpm, no dnf) built by the CLI on this x86_64
+    host: an install.d script and an RPM file's %post run under qemu-user,
+    the rootfs's rpm records the package, and nothing of the emulator reaches
+    the output.  Without an emulator the run step is refused before any
+    appliance starts for it."""
+    if not emulation.can_run("aarch64"):
+        pytest.fail("qemu-user-static is missing: setup.sh installs it")
+    write_element(tmp_path, "uname", "params:\n  arm_rpms: {type: files}\n"
+                  "rpms:\n  - {src: '@arm_rpms'}\n", {
+                      "install.d/10-uname": "#!/bin/bash\nset -e\nuname -m > /etc/built-for\n"})
     os.chmod(tmp_path / "elements/uname/install.d/10-uname", 0o755)
     recipe = write_recipe(tmp_path / "r.yaml", f"""\
 name: armrun
 base: {{image: {arm_image}}}
+epoch: {EPOCH}
 elements: [uname]
+params: {{arm_rpms: [{inputs.rpms["rb-arm"]}]}}
+packages: {{gpgcheck: false}}
 output: {{formats: [tar]}}
 """)
     cache = tmp_path / "cache"
     res = run_cli(recipe, "-o", tmp_path / "out", "--cache-dir", cache, "--json", timeout=900)
     assert res.returncode == 0, res.stderr
-    assert res.json["appliance_launches"] == 2
-    manifest = json.loads((tmp_path / "out" / "armrun" / "manifest.json").read_text())
+    assert [la["kind"] for la in res.json["layers"]] == ["base", "packages", "run"]
+    out = tmp_path / "out" / "armrun"
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["arch"] == "aarch64"
-    with tarfile.open(tmp_path / "out" / "armrun" / "rootfs.tar") as tf:
-        member = tf.extractfile("./etc/built-for")
-        assert member is not None and member.read() == b"aarch64\n"
-        assert not [n for n in tf.getnames() if "qemu" in n]
+    assert [(p["name"], p["arch"]) for p in manifest["packages"]["installed"]] == [
+        ("rb-arm", "aarch64")]
+    with tarfile.open(out / "rootfs.tar") as tf:
+        for name in ("./etc/built-for", "./var/lib/rb-arm/post-uname"):
+            member = tf.extractfile(name)
+            assert member is not None and member.read() == b"aarch64\n", name
+        _no_emulator_trace(tf)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-C", str(tree), "-xf", str(out / "rootfs.tar"), f"./{RPMDB}"],
+                   check=True)
+    names = subprocess.run(["rpm", "--dbpath", str(tree / RPMDB), "-qa"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(names) == ["base-provides-1-1.noarch", "rb-arm-1.0-1.aarch64"]
+    # the same script without an emulator: refused, no appliance started
+    write_element(tmp_path, "script-only", None, {
+        "install.d/10-uname": "#!/bin/bash\nuname -m > /etc/built-for\n"})
+    os.chmod(tmp_path / "elements/script-only/install.d/10-uname", 0o755)
+    recipe = write_recipe(tmp_path / "r2.yaml", f"""\
+name: armrun2
+base: {{image: {arm_image}}}
+elements: [script-only]
+""")
     empty = tmp_path / "no-qemu"
     empty.mkdir()
     res = run_cli(recipe, "-o", tmp_path / "out2", "--cache-dir", cache, "--json",
-                  "--set", "name=armrun2",
                   env={"ROOTFS_BUILD_QEMU_DIR": str(empty)}, timeout=900)
     refused(res, tmp_path / "out2", "install.d/10-uname", "there is no emulator for aarch64",
             launches=0)
@@ -629,7 +612,7 @@ output: {{formats: [tar], bundle: false}}
     res = run_cli(recipe, "-o", tmp_path / "out", "--cache-dir", cache, "--json", timeout=1800)
     assert res.returncode == 0, res.stderr
     kinds = [la["kind"] for la in res.json["layers"]]
-    assert kinds == ["base", "element", "packages", "run"], kinds
+    assert kinds == ["base", "packages", "run"], kinds
     out = tmp_path / "out/pk"
     # what rpm says, read on the host from the output tree
     tree = tmp_path / "tree"
@@ -647,7 +630,8 @@ output: {{formats: [tar], bundle: false}}
     assert [r.split("-1.0")[0] for r in manifest["packages"]["removed"]] == ["rb-weak"]
     # files packages put where the deployment bind-mounts the DPU's own dirs
     # are listed and summed up in one warning, not refused
-    assert "/etc/rb-app.conf" in manifest["packages"]["hidden_at_run_time"]
+    hidden = manifest["packages"]["hidden_at_run_time"]
+    assert "/var/lib/rb-app/post-ran" in hidden and "/etc/rb-app-plain.conf" in hidden, hidden
     assert "files that packages installed lie under paths the deployment" in res.stderr
     # a warm rebuild installs nothing
     again = run_cli(recipe, "-o", tmp_path / "out2", "--cache-dir", cache, "--json")
