@@ -260,7 +260,7 @@ def cmd_inspect(args: argparse.Namespace, session: Session) -> int:
     app.add_drive(image, fmt=fmt, readonly=True)
     with app:
         partitions = app.call("list_partitions")
-        info = app.inspect_base(str(image))
+        info = app.inspect_base(str(image), every_filesystem=True)
     obj = {"image": str(image), "format": fmt, "partitions": partitions, **info.to_json()}
     lines = [f"{image} ({fmt})",
              "  partitions: " + (" ".join(partitions) or "none"),

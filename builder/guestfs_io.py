@@ -563,9 +563,13 @@ class Appliance:
             raise self._error(name, worker.error) from None
 
     # -- inspection -----------------------------------------------------------
-    def inspect_base(self, image: str, *, mount: bool = True) -> BaseInfo:
-        """Find the root filesystem, mount it and its mount points read-only."""
-        filesystems = self.call("list_filesystems")
+    def inspect_base(self, image: str, *, mount: bool = True,
+                     every_filesystem: bool = False) -> BaseInfo:
+        """Find the root filesystem, mount it and its mount points read-only.
+
+        `filesystems` holds the root's own (what inspection tied to it), or
+        with `every_filesystem` all the image has: listing them probes every
+        device again (inspect_os did it once), ~4 s of a TCG launch."""
         roots = self.call("inspect_os")
         if not roots:
             raise UserError(f"{image}: no operating system found in the image",
@@ -575,6 +579,11 @@ class Appliance:
             raise UserError(f"{image}: more than one operating system found "
                             f"({', '.join(roots)})", hint="use an image with one root")
         root = roots[0]
+        if every_filesystem:
+            filesystems = dict(self.call("list_filesystems"))
+        else:
+            filesystems = {dev: self.call("vfs_type", dev)
+                           for dev in self.call("inspect_get_filesystems", root)}
         mountpoints = dict(self.call("inspect_get_mountpoints", root))
         if mount:
             for mp in sorted(mountpoints, key=lambda p: (p.count("/"), p)):
@@ -600,7 +609,7 @@ class Appliance:
             except ApplianceError:
                 pass
         return BaseInfo(root=root, mountpoints=mountpoints, os_release=os_release,
-                        arch=elfinfo.normalize_arch(arch), filesystems=dict(filesystems),
+                        arch=elfinfo.normalize_arch(arch), filesystems=filesystems,
                         used_bytes=used)
 
     def guest_realpath(self, path: str) -> str | None:

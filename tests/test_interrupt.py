@@ -87,8 +87,7 @@ def _freeze_in_extraction(run, cache: Path) -> None:
     assert _extracting(cache), "extraction ended before the build was frozen"
 
 
-def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path,
-                                       reference: dict[str, str]) -> None:
+def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path) -> None:
     # SIGTERM only: SIGINT takes the same path (one handler), and is sent
     # during the launch, a run step and the assembly below.
     signum = signal.SIGTERM
@@ -101,13 +100,8 @@ def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path,
     _assert_stopped(run, signum, seconds, "base image extraction", out, "cold", cache)
     assert run.json["appliance_launches"] == 1
     assert entries_of_kind(cache, "base") == []
-    # the next build extracts again and makes the same bytes as a warm build
-    again = run_cli(r, "-o", out, "--cache-dir", cache, "--json")
-    assert again.returncode == 0, again.stderr
-    assert layer_cache(again.json, "base") == ["built"]
-    assert sums_verify(out / "cold")
-    assert sha256(out / "cold" / "rootfs.tar") == reference["rootfs.tar"]
-    assert leftovers(out, "cold", cache) == []
+    # (that the next build extracts afresh and makes the reference bytes is
+    # shown after a SIGKILL below, the harder case)
 
 
 LAUNCH_MOMENTS = {
