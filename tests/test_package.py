@@ -7,6 +7,7 @@ from a read-only install tree, with the same rootfs the checkout builds."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,8 +25,14 @@ pytestmark = pytest.mark.appliance
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # built from a copy: setuptools writes build/ and *.egg-info into the
+    # source directory, and the tests must not write into the checkout
+    source = tmp_path_factory.mktemp("source") / "rootfs-build"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+        ".hypothesis", "output"))
     subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "-o", str(out),
-                    str(REPO)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     return out
 
 

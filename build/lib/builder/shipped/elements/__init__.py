@@ -1,1 +1,0 @@
-"""Shipped elements: package data of rootfs-build (see builder/shipped)."""

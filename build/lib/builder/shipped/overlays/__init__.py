@@ -1,1 +1,0 @@
-"""Shipped overlays: package data of rootfs-build (see builder/shipped)."""

@@ -1,1 +1,0 @@
-"""Shipped recipes: package data of rootfs-build (see builder/shipped)."""
