@@ -488,18 +488,23 @@ def _no_emulator_trace(tf: tarfile.TarFile) -> None:
 
 # -- through the CLI: the qcow2 fixture and build.py's run step -------------------------
 
-@pytest.fixture(scope="module")
-def arm_image(inputs: Inputs) -> Path:
-    """The aarch64 base in the openEuler qcow2 shape (MBR, /boot ext4, / ext4)."""
+def _qcow2(inputs: Inputs, tree: Path, arch: str) -> Path:
+    """A Debian base tar in the openEuler qcow2 shape (MBR, /boot ext4, / ext4)."""
     from builder import sampleimage
 
-    boot = inputs.work / "boot.tar"
+    boot = inputs.work / f"boot-{arch}.tar"
     boot.write_bytes(sampleimage.boot_tree())
-    image = inputs.work / "debian-aarch64.qcow2"
+    image = inputs.work / f"debian-{arch}.qcow2"
     guestfs_io.make_disk_image(image, fmt="qcow2", size_mib=1024, partitions=[
         guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
-        trees={"/": inputs.base_arm, "/boot": boot}, label="aarch64 fixture image")
+        trees={"/": tree, "/boot": boot}, label=f"{arch} fixture image")
     return image
+
+
+@pytest.fixture(scope="module")
+def arm_image(inputs: Inputs) -> Path:
+    """The aarch64 base (rpm, no dnf) as a qcow2."""
+    return _qcow2(inputs, inputs.base_arm, "aarch64")
 
 
 def test_aarch64_base_runs_scripts_and_rpm_under_emulation(arm_image: Path, inputs: Inputs,
@@ -578,16 +583,8 @@ params: {{rexec_bin: {demo_inputs.parent / "demo-inputs" / "rexec"}}}
 
 @pytest.fixture(scope="module")
 def x86_image(inputs: Inputs) -> Path:
-    """The Debian x86_64 base (rpm, dnf) in the openEuler qcow2 shape."""
-    from builder import sampleimage
-
-    boot = inputs.work / "boot-x86.tar"
-    boot.write_bytes(sampleimage.boot_tree())
-    image = inputs.work / "debian-x86_64.qcow2"
-    guestfs_io.make_disk_image(image, fmt="qcow2", size_mib=1024, partitions=[
-        guestfs_io.Partition("/boot", 64), guestfs_io.Partition("/", None)],
-        trees={"/": inputs.base_x86, "/boot": boot}, label="x86_64 fixture image")
-    return image
+    """The x86_64 base (rpm, dnf) as a qcow2."""
+    return _qcow2(inputs, inputs.base_x86, "x86_64")
 
 
 def test_recipe_packages_are_installed_by_the_build(inputs: Inputs, x86_image: Path,
