@@ -894,8 +894,13 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
             self.app.call("download", export, str(blob))
             blob.write_bytes(rpmheader.clamp_install_times(blob.read_bytes(), self.epoch))
             self.app.call("upload", str(blob), export)
+        # the old database's files go; bash and rm only: a minimal rootfs
+        # (rpm, bash, coreutils) has no find
         self.command(["/bin/bash", "-c", f"""set -e
-find /{dbdir} -mindepth 1 -maxdepth 1 ! -type d -delete
+shopt -s dotglob nullglob
+for f in /{dbdir}/*; do
+  if [ -L "$f" ] || [ ! -d "$f" ]; then rm -f "$f"; fi
+done
 rpmdb --initdb
 rpmdb --importdb < {export}
 rm -f {export}
