@@ -303,11 +303,23 @@ class LayerWriter:
             "parents": self._parents(keys),
         }
         self._write_columns(keys)
+        del keys
+        self._forget_entries()
         with open(self.directory / INDEX, "w") as f:
             json.dump(index, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
         return summary
+
+    def _forget_entries(self) -> None:
+        """Drop the per-entry tables (they are in index.bin now), so that
+        _give_back_memory can hand their memory back while the caller still
+        holds the writer."""
+        self._rows, self._links = {}, {}
+        self._link_targets, self._deletions = set(), set()
+        self._type, self._weak = bytearray(), bytearray()
+        self._offset, self._length, self._mtime = array("Q"), array("Q"), array("q")
+        self._header_len = array("I")
 
     def _parents(self, keys: list[bytes]) -> dict[str, Any]:
         """What placing the entries in rootfs order needs besides them: the

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,36 @@ def test_tar_reader_reads_the_same_from_any_chunking(n: int) -> None:
                 content += chunk
             pieces.append((m, content))
         assert pieces == whole
+
+
+def test_memory_is_given_back_after_the_per_entry_tables_are_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_layer_from_tar trims the heap for the assembly that follows;
+    the layer writer's per-entry tables (~200 bytes an entry) must already
+    be freed then, or the trim returns nothing and peak memory grows with
+    the number of entries."""
+    import tracemalloc
+
+    from builder import layer as layer_mod
+    count = 20000
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(count):
+            info = tarfile.TarInfo(f"usr/share/doc/package-{i:05d}/copyright-file")
+            info.type = tarfile.DIRTYPE if i % 2 else tarfile.REGTYPE
+            t.addfile(info, io.BytesIO(b""))
+    data = buf.getvalue()
+    live_at_trim: list[int] = []
+    monkeypatch.setattr(layer_mod, "_give_back_memory",
+                        lambda: live_at_trim.append(tracemalloc.get_traced_memory()[0]))
+    (tmp_path / "layer").mkdir()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        build_layer_from_tar(io.BytesIO(data), tmp_path / "layer", mtime_policy="clamp",
+                             source="test")
+    finally:
+        tracemalloc.stop()
+    assert live_at_trim, "the heap was never trimmed"
+    per_entry = (live_at_trim[0] - before) / count
+    assert per_entry < 100, f"{per_entry:.0f} bytes an entry still held when trimming"
