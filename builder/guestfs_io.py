@@ -3,7 +3,8 @@
 Launch policy: the direct backend, with KVM when it works.  When a launch
 fails and TCG was not forced already, it is retried once with TCG and one
 warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
-launches in the same process go straight to TCG.
+launches in the same process go straight to TCG.  A TCG appliance gets
+libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
@@ -43,6 +44,20 @@ DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.
 # Set once a KVM launch failed: later launches in this process go straight
 # to TCG instead of failing again.
 _tcg_only = False
+
+# Under TCG on x86_64, libguestfs gives the appliance "-cpu max,la57=off".
+# max's ERMS and FSRM flags make the appliance kernel and glibc copy memory
+# with `rep movsb`, which TCG emulates far more slowly than the vector copies
+# they use otherwise: without the two flags tar_out of the 1 GB bench base
+# took 40.0-40.5 s instead of 51.8-56.4 s, and launch 7.0 s instead of
+# 8.1-8.6 s (bench/README.md).  The rest of max stays, so a base built for
+# x86-64-v2 or v3 still runs its programs in the appliance; la57=off is
+# libguestfs' own (RHBZ#2082806).  Flags the hypervisor does not list are
+# left out, and a hypervisor that lists none of these (not x86_64) keeps
+# libguestfs' choice.
+_TCG_CPU_MODEL = "max"
+_TCG_CPU_FLAGS_OFF = ("la57", "erms", "fsrm")
+_tcg_cpu_models: dict[str, str | None] = {}   # hypervisor -> the -cpu we give it
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -183,6 +198,33 @@ def _quiet_thread(g: Any) -> None:
         _set_error_handler(g)
     except (OSError, AttributeError, ValueError, TypeError):
         pass  # a noisier stderr, nothing worse
+
+
+def _tcg_cpu_model(hv: str) -> str | None:
+    """The -cpu for a TCG appliance run by `hv` (see _TCG_CPU_FLAGS_OFF), or
+    None to keep libguestfs' own.  Asks the hypervisor once per process."""
+    if hv not in _tcg_cpu_models:
+        try:
+            listing = runner.run([hv, "-cpu", "help"], env=runner.tool_env(0),
+                                 what="qemu -cpu help", check=False).stdout
+        except OSError:
+            listing = b""
+        known = set(listing.partition(b"Recognized CPUID flags:")[2].decode(
+            "ascii", "replace").split())
+        off = [flag for flag in _TCG_CPU_FLAGS_OFF if flag in known]
+        _tcg_cpu_models[hv] = (",".join([_TCG_CPU_MODEL] + [f"{f}=off" for f in off])
+                               if set(off) - {"la57"} else None)
+    return _tcg_cpu_models[hv]
+
+
+def _kvm_openable() -> bool:
+    """libguestfs' own test for using KVM (launch-direct.c): /dev/kvm opens
+    read-write.  When it does not, the appliance runs on TCG unasked."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
 
 
 def _tcg_forced_by_env() -> bool:
@@ -333,6 +375,10 @@ class Appliance:
         g = guestfs.GuestFS(python_return_dict=True)
         if tcg:
             g.set_backend_settings(["force_tcg"])
+        if tcg or not _kvm_openable():
+            cpu = _tcg_cpu_model(g.get_hv())
+            if cpu:
+                g.config("-cpu", cpu)   # after libguestfs' own -cpu, so qemu takes it
         g.set_smp(self.smp)
         if self.network:
             g.set_network(True)
