@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__, ui
+from . import __version__, interrupts, ui
 from .errors import BuildInterrupted, UserError
 from .session import Session
 
@@ -327,10 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_verbose(getattr(args, "verbose", False))
     session = Session()
 
-    def on_sigterm(signum: int, _frame: Any) -> None:
-        raise BuildInterrupted(signum, session.phase)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    interrupts.install(lambda: session.phase)
     handlers = {"build": cmd_build, "validate": cmd_validate, "inspect": cmd_inspect,
                 "cache": cmd_cache, "demo": cmd_demo, "push": cmd_push, "pull": cmd_pull}
     try:

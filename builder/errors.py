@@ -25,8 +25,10 @@ class UserError(Exception):
         return " ".join(line.split("\n"))
 
 
-class BuildInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; `phase` says where the build stopped."""
+class BuildInterrupted(BaseException):
+    """SIGTERM arrived; `phase` says where the build stopped.  Like
+    KeyboardInterrupt (SIGINT) it is not an Exception: no `except Exception`
+    meant for a library's errors may swallow the request to stop."""
 
     exit_code = 130
 

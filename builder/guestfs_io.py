@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from . import confined, elfinfo, fileio, rpmheader, runner, ui
+from . import confined, elfinfo, fileio, interrupts, rpmheader, runner, ui
 from .errors import UserError
 from .session import Session
 
@@ -198,6 +198,14 @@ def _quiet_thread(g: Any) -> None:
         _set_error_handler(g)
     except (OSError, AttributeError, ValueError, TypeError):
         pass  # a noisier stderr, nothing worse
+
+
+def _close(g: Any) -> None:
+    """Close a handle whole (see interrupts: a signal between the binding
+    freeing the handle and marking it closed would make __del__ free it
+    again).  Closing a dead handle must not mask the error that killed it."""
+    with interrupts.deferred(), contextlib.suppress(Exception):
+        g.close()
 
 
 def _tcg_cpu_model(hv: str) -> str | None:
@@ -454,11 +462,9 @@ class Appliance:
         self._close_handle()
 
     def _close_handle(self) -> None:
-        if self.g is not None:
-            # closing a dead handle must not mask the error that killed it
-            with contextlib.suppress(Exception):
-                self.g.close()
-            self.g = None
+        g, self.g = self.g, None
+        if g is not None:
+            _close(g)
 
     def kill(self, why: str) -> None:
         """Kill qemu so a blocked call returns at once."""
@@ -1161,7 +1167,7 @@ def make_disk_image(path: Path, *, fmt: str, size_mib: int, partitions: list[Par
     with fileio.atomic_path(path) as tmp:
         g = guestfs.GuestFS(python_return_dict=True)
         g.disk_create(str(tmp), fmt, size_mib << 20)
-        g.close()
+        _close(g)
         app = Appliance(label)
         app.add_drive(tmp, fmt=fmt, readonly=False)
         with app:

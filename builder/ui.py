@@ -14,12 +14,16 @@ from typing import Any
 
 from tqdm import tqdm
 
+from . import interrupts
+
 LOG = logging.getLogger("rootfs-build")
 
 
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        # whole: an interrupt inside tqdm.write breaks its lock (see interrupts)
+        with interrupts.deferred():
+            tqdm.write(self.format(record), file=sys.stderr)
 
 
 class _Once(logging.Filter):
