@@ -8,6 +8,7 @@ libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
+A handle is closed only once no call runs on it (_start, _close_handle).
 """
 
 from __future__ import annotations
@@ -358,6 +359,9 @@ class Appliance:
         self._progress = time.monotonic()
         self._killed_for: str | None = None
         self._pid = 0  # qemu's pid: the handle is locked during a call, so ask once
+        # the call on a worker thread, from its start until the handle closes:
+        # closing the handle under a running call frees memory the call uses
+        self._call: _Worker | None = None
 
     # -- life cycle -----------------------------------------------------
     def add_drive(self, path: Path | str, *, fmt: str, readonly: bool = True,
@@ -380,7 +384,10 @@ class Appliance:
     def _new_handle(self, tcg: bool) -> Any:
         self._killed_for, self._pid = None, 0  # nothing of a failed attempt carries over
         guestfs = _guestfs_module()
-        g = guestfs.GuestFS(python_return_dict=True)
+        # not closed by libguestfs at exit: a handle still open then is one
+        # whose call never returned (_close_handle), and closing it would
+        # free it under that call
+        g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
         if tcg:
             g.set_backend_settings(["force_tcg"])
         if tcg or not _kvm_openable():
@@ -445,7 +452,12 @@ class Appliance:
         return e.message.removeprefix(f"{self.label}: ")
 
     def __enter__(self) -> Appliance:
-        self.launch()
+        try:
+            self.launch()
+        except BaseException:
+            # an interrupt can leave the launch running (see _start): stop it
+            self.close(shutdown=False)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -454,7 +466,7 @@ class Appliance:
     def close(self, *, shutdown: bool = True) -> None:
         if self.g is None:
             return
-        if shutdown and self._killed_for is None:
+        if shutdown and self._killed_for is None and not self._calling():
             with contextlib.suppress(ApplianceError):
                 self.call("shutdown", timeout=120)
         else:
@@ -462,9 +474,23 @@ class Appliance:
         self._close_handle()
 
     def _close_handle(self) -> None:
+        if self._calling():
+            assert self._call is not None
+            self._stop(self._call, "closing")
+            if self._calling():
+                # still inside libguestfs 30 s after qemu died: closing now
+                # would free the handle under it.  qemu is dead; the handle's
+                # temporary directory stays behind
+                ui.warn(f"{self.label}: a libguestfs call did not return after the "
+                        "appliance was stopped; its handle is left open")
+                self.g = None
+                return
         g, self.g = self.g, None
         if g is not None:
             _close(g)
+
+    def _calling(self) -> bool:
+        return self._call is not None and not self._call.done.is_set()
 
     def kill(self, why: str) -> None:
         """Kill qemu so a blocked call returns at once."""
@@ -501,9 +527,15 @@ class Appliance:
 
     def _start(self, name: str, fn: Callable[[], Any],
                after: Callable[[], None] | None = None) -> _Worker:
-        """Start fn on a worker thread; `after` runs there once it returns."""
+        """Start fn on a worker thread; `after` runs there once it returns.
+        The worker is known to close() from the moment its thread runs: an
+        interrupt that lands before the caller holds it (Thread.start() waits
+        for the thread, and signal handlers run in waits) cannot leave the
+        call running unseen, to be freed under it when the process exits."""
         self.touch()
-        return _Worker(name, fn, self.g, after)
+        with interrupts.deferred():
+            self._call = _Worker(name, fn, self.g, after)
+        return self._call
 
     def _error(self, name: str, err: BaseException) -> ApplianceError:
         first = str(err).splitlines()[0] if str(err) else name
@@ -540,8 +572,6 @@ class Appliance:
         r, w = os.pipe()
         _widen_pipe(w)
         fn = getattr(self.g, name)
-        worker = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
-                             after=lambda: os.close(w))
         stop = threading.Event()
         limit = self.timeout
 
@@ -551,9 +581,13 @@ class Appliance:
                     self.kill(f"timeout in {name}")
                     return
 
-        threading.Thread(target=watchdog, daemon=True).start()
+        # the reader is closed whatever happens once the call started: a call
+        # blocked writing to a full pipe ends only then
         reader = _ProgressReader(os.fdopen(r, "rb", buffering=1 << 20), self.touch)
         try:
+            worker = self._start(name, lambda: fn(*args, f"/dev/fd/{w}", **kwargs),
+                                 after=lambda: os.close(w))
+            threading.Thread(target=watchdog, daemon=True).start()
             try:
                 value = consume(reader)  # type: ignore[arg-type]
                 while reader.read(1 << 20):
@@ -588,10 +622,11 @@ class Appliance:
         r, w = os.pipe()
         _widen_pipe(w)
         fn = getattr(self.g, name)
-        worker = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
-                             after=lambda: os.close(r))
         writer = _ProgressWriter(os.fdopen(w, "wb", buffering=1 << 20), self.touch)
+        worker: _Worker | None = None
         try:
+            worker = self._start(name, lambda: fn(f"/dev/fd/{r}", *args, **kwargs),
+                                 after=lambda: os.close(r))
             try:
                 produce(writer)  # type: ignore[arg-type]
                 writer.close()
@@ -610,7 +645,10 @@ class Appliance:
                     writer.close()
             self._run(worker.wait, name, None)
         finally:
-            worker.wait(1)
+            with contextlib.suppress(OSError, ValueError):
+                writer.close()
+            if worker is not None:
+                worker.wait(1)
         if worker.error is not None:
             raise self._error(name, worker.error) from None
 

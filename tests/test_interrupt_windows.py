@@ -14,34 +14,43 @@ process ends with the interrupt and nothing worse.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-# Runs `STEP` with a SIGTERM sent to itself at the K-th line executed in a
-# file whose path ends with WATCHED (K = -1: only count them).  The handler
+# Runs `STEP` with a SIGTERM sent to itself at the K-th line executed on
+# the main thread in a file whose path ends with one of WATCHED (K = -1:
+# only count them), counting from the first call of the function ARM ("" for
+# at once).  A line containing END, in count mode, gets the signal too: a step
+# that would run on (a launch that never connects) ends there.  The handler
 # runs in the trace function, so its exception enters the traced frame at
 # that line, as it would from the eval loop.
 _INJECT = r"""
-import os, signal, sys
+import linecache, os, signal, sys
 from builder import interrupts
 from builder.errors import BuildInterrupted
-WATCHED, K = sys.argv[1], int(sys.argv[2])
+WATCHED, K, ARM, END = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 interrupts.install(lambda: "testing")
 SETUP
-lines = 0
+lines, armed = 0, not ARM
 def local(frame, event, arg):
     global lines
-    if event == "line":
-        if lines == K:
+    if event == "line" and armed:
+        if lines == K or (K < 0 and END and END in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno)):
             sys.settrace(None)
             os.kill(os.getpid(), signal.SIGTERM)
+            return None
         lines += 1
     return local
 def watch(frame, event, arg):
-    return local if frame.f_code.co_filename.endswith(WATCHED) else None
+    global armed
+    armed = armed or frame.f_code.co_name == ARM
+    return local if frame.f_code.co_filename.endswith(tuple(WATCHED)) else None
 sys.settrace(watch)
 try:
     STEP
@@ -54,23 +63,28 @@ print(outcome, lines)
 """
 
 
-def _inject(setup: str, step: str, check: str, watched: str, k: int
+def _inject(setup: str, step: str, check: str, watched: str, k: int, arm: str = "",
+            end: str = "", env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     code = (_INJECT.replace("SETUP", setup).replace("STEP", step)
             .replace("CHECK", check))
-    return subprocess.run([sys.executable, "-c", code, watched, str(k)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, watched, str(k), arm, end], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
-def _every_line(setup: str, step: str, check: str, watched: str) -> int:
-    """Inject at each line of `watched` that `step` executes; returns how
-    many.  Every run must end interrupted, exit 0 and print nothing else."""
-    counted = _inject(setup, step, check, watched, -1)
-    assert counted.returncode == 0 and counted.stdout.startswith("finished "), counted
+def _every_line(setup: str, step: str, check: str, watched: str, arm: str = "",
+                end: str = "", env: dict[str, str] | None = None) -> int:
+    """Inject at each line (of the comma-separated `watched` files) that
+    `step` executes; returns how many.  Every run must end interrupted,
+    exit 0 and print no traceback."""
+    counted = _inject(setup, step, check, watched, -1, arm, end, env)
+    assert counted.returncode == 0, counted
+    assert counted.stdout.startswith("interrupted " if end else "finished "), counted
     total = int(counted.stdout.split()[1])
     assert total > 0, f"{step} ran no line of {watched}"
     for k in range(total):
-        run = _inject(setup, step, check, watched, k)
+        run = _inject(setup, step, check, watched, k, arm, end, env)
         where = f"SIGTERM at line {k + 1} of {total} in {watched}"
         assert run.returncode == 0, f"{where}: exit {run.returncode}\n{run.stderr}"
         assert run.stdout.startswith("interrupted "), f"{where}: {run.stdout}{run.stderr}"
@@ -99,3 +113,37 @@ def test_sigterm_while_a_message_is_written(first: bool) -> None:
              "assert err.getvalue() == 'rootfs-build: warning: stopping\\n', err.getvalue()")
     total = _every_line(setup, "ui.warn('stopping')", check, "/tqdm/std.py")
     print(f"SIGTERM at each of the {total} lines of tqdm.write: message whole, interrupted")
+
+
+def test_sigterm_while_a_call_starts(tmp_path: Path) -> None:
+    """Starting a libguestfs call on its worker thread, up to the loop that
+    waits for it: wherever the interrupt lands, the call is stopped before
+    the process goes on (CI of stop 20: a launch left running after the
+    interrupt, its handle freed under it at exit, "double free").  The
+    call is a launch whose qemu never connects (the probes are real qemu)."""
+    import guestfs
+
+    hv = tmp_path / "qemu-system-x86_64"   # qemu by name: found and killed as qemu
+    hv.write_text("#!/bin/sh\n"
+                  'case " $* " in *" -kernel "*) while :; do sleep 0.2; done;; esac\n'
+                  f'exec {guestfs.GuestFS().get_hv()} "$@"\n')
+    hv.chmod(0o755)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    setup = ("import threading\n"
+             "from builder.guestfs_io import Appliance, _qemu_children\n"
+             f"app = Appliance('t'); app.add_drive({str(disk)!r}, fmt='raw')")
+    step = "with app: pass"
+    check = ("import time\n"
+             "calls = [t for t in threading.enumerate() if t.name.startswith('guestfs-')]\n"
+             "deadline = time.monotonic() + 5\n"
+             "while any(t.is_alive() for t in calls) and time.monotonic() < deadline:\n"
+             "    time.sleep(0.05)\n"
+             "assert not any(t.is_alive() for t in calls), 'a libguestfs call still runs'\n"
+             "assert not _qemu_children(), 'qemu still runs'\n"
+             "assert app.g is None, 'the handle was not closed'")
+    total = _every_line(setup, step, check, "/builder/guestfs_io.py,/threading.py",
+                        arm="_start", end="while not worker.wait(0.2)",
+                        env={"LIBGUESTFS_HV": str(hv),
+                             "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
+    print(f"SIGTERM at each of the {total} lines starting the launch: stopped, closed")
