@@ -43,7 +43,10 @@ def install(phase: Callable[[], str]) -> None:
     where the command is, for BuildInterrupted."""
     global _phase
     _phase = phase
-    signal.signal(signal.SIGINT, _on_signal)
+    # a SIGINT ignored by whoever started us (a shell's background job) stays
+    # ignored, as Python itself leaves it
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
 
 
