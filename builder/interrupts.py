@@ -14,6 +14,10 @@ they leave between two bytecodes is worse than either end:
   the Python object closed.  An exception between the two leaves a freed
   handle that the object's __del__ frees again ("double free or corruption",
   an abort instead of the one-line message);
+- starting a libguestfs call on its worker thread: Thread.start() waits
+  for the thread, and handlers run in waits; cut there, the call runs on
+  with nobody to stop it, and the handle is freed under it at exit
+  (guestfs_io.Appliance._start records the call in the same step);
 - a line written to stderr through tqdm: tqdm creates its lock lazily, then
   releases it in a `finally`; cut in between, the release raises and the
   traceback replaces the message.
