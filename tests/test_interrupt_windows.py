@@ -123,6 +123,7 @@ def test_sigterm_while_a_message_is_written(first: bool) -> None:
     print(f"SIGTERM at each of the {total} lines of tqdm.write: message whole, interrupted")
 
 
+@pytest.mark.appliance   # launches (a qemu that never boots): ~25 s
 def test_sigterm_while_a_call_starts(tmp_path: Path) -> None:
     """Starting a libguestfs call on its worker thread, up to the loop that
     waits for it: wherever the interrupt lands, the call is stopped before
