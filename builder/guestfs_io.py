@@ -466,7 +466,7 @@ class Appliance:
     def close(self, *, shutdown: bool = True) -> None:
         if self.g is None:
             return
-        if shutdown and self._killed_for is None and not self._calling():
+        if shutdown and self._killed_for is None and self._running_call() is None:
             with contextlib.suppress(ApplianceError):
                 self.call("shutdown", timeout=120)
         else:
@@ -474,10 +474,10 @@ class Appliance:
         self._close_handle()
 
     def _close_handle(self) -> None:
-        if self._calling():
-            assert self._call is not None
-            self._stop(self._call, "closing")
-            if self._calling():
+        call = self._running_call()
+        if call is not None:
+            self._stop(call, "closing")
+            if not call.done.is_set():
                 # still inside libguestfs 30 s after qemu died: closing now
                 # would free the handle under it.  qemu is dead; the handle's
                 # temporary directory stays behind
@@ -489,8 +489,10 @@ class Appliance:
         if g is not None:
             _close(g)
 
-    def _calling(self) -> bool:
-        return self._call is not None and not self._call.done.is_set()
+    def _running_call(self) -> _Worker | None:
+        """The call still inside libguestfs, if any."""
+        call = self._call
+        return call if call is not None and not call.done.is_set() else None
 
     def kill(self, why: str) -> None:
         """Kill qemu so a blocked call returns at once."""
