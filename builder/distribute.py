@@ -32,13 +32,16 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, oci, ui, values
 from .deploy.bundle import SUMS, _check_rel, read_sums
 from .errors import UserError
 from .hashing import sha256_file
-from .registry import Client, NotFound, Options, Reference, RegistryError
+from .registry import NotFound, Options, Reference, RegistryError
+
+if TYPE_CHECKING:
+    from .registry_client import Client
 
 BUNDLE_TAG_SUFFIX = ".bundle"
 MEDIA_BUNDLE_CONFIG = "application/vnd.rootfs-build.bundle.config.v1+json"
@@ -141,6 +144,8 @@ def push_output(directory: Path, ref: Reference, opts: Options) -> Transfer:
     bundle_tar = None
     if bundle_file.is_file():
         bundle_tar = {"sha256": sha256_file(bundle_file), "size": bundle_file.stat().st_size}
+    from .registry_client import Client
+
     client = Client(ref, opts)
     client.ping()
     blobs_prefix = f"{oci.LAYOUT_DIR}/blobs/"
@@ -240,6 +245,8 @@ def pull_output(ref: Reference, output_root: Path, opts: Options) -> Transfer:
             raise UserError(f"REF {ref}: pull needs a tag (the deployment files are found by "
                             f"the tag + {BUNDLE_TAG_SUFFIX!r})", hint="e.g. REPO:v1")
         ref = ref.with_tag("latest")
+    from .registry_client import Client
+
     client = Client(ref, opts)
     client.ping()
     accept = oci.MEDIA_MANIFEST

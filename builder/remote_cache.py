@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
@@ -42,13 +42,15 @@ from .cache import ENTRY_META, Cache
 from .errors import UserError
 from .hashing import CHUNK
 from .registry import (
-    Client,
     DigestMismatch,
     NotFound,
     Options,
     Reference,
     RegistryError,
 )
+
+if TYPE_CHECKING:
+    from .registry_client import Client
 
 MEDIA_ENTRY_CONFIG = "application/vnd.rootfs-build.cache.entry.v1+json"
 MEDIA_ENTRY_FILE = "application/vnd.rootfs-build.cache.file.v1+zstd"
@@ -107,6 +109,8 @@ class RemoteCache:
             return False
         if self._client is None:
             try:
+                from .registry_client import Client
+
                 client = Client(self.ref, self.opts)
                 client.ping()
             except RegistryError as e:

@@ -20,7 +20,8 @@ from oci_helpers import leftovers, make_output, tree_files
 from builder import oci
 from builder.errors import UserError
 from builder.localregistry import LocalRegistry
-from builder.registry import Client, Options, Reference, find_credentials
+from builder.registry import Options, Reference, find_credentials
+from builder.registry_client import Client
 
 REPO = Path(__file__).resolve().parent.parent
 
