@@ -337,3 +337,14 @@ def test_token_auth_registry(tmp_path: Path) -> None:
             line = one_error_line(res.stderr)
             assert "refused" in line and "Not-The-Password" not in res.stderr, line
         assert leftovers(tmp_path / "p2") == []
+
+
+def test_a_build_that_talks_to_no_registry_does_not_import_the_client() -> None:
+    # registry_client's docstring: oras-py and requests cost every build
+    # ~0.1 s and ~9 MB when cli -> distribute -> registry imported them.
+    code = ("import sys, builder.cli, builder.build, builder.distribute, builder.oci, "
+            "builder.remote_cache; print(sorted({'oras', 'requests', 'builder.registry_client'}"
+            " & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
