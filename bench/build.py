@@ -60,19 +60,15 @@ MTIME = sampleimage.MTIME
 TARGETS = {"cold": 0.55, "cold_floor": 1.25, "host": 2.0, "warm": 1.2, "rss_mb": 150,
            "rss_flat": 0.10}
 
-# Runs builder.cli.main (what .venv/bin/rootfs-build runs) and, at exit,
-# records the process's own rusage and that of the children it waited for
-# (qemu, via libguestfs).
-CLI_HOOK = r"""
-import atexit, json, os, resource, sys
-def _dump():
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(os.environ["ROOTFS_BENCH_RUSAGE"], "w") as f:
-        json.dump({"self_maxrss_kb": s.ru_maxrss, "self_cpu": s.ru_utime + s.ru_stime,
-                   "children_maxrss_kb": c.ru_maxrss,
-                   "children_cpu": c.ru_utime + c.ru_stime}, f)
-atexit.register(_dump)
+# Runs builder.cli.main (what .venv/bin/rootfs-build runs) with
+# bench/rusage_hook.py installed: at exit, the process's own rusage, that of
+# the children it waited for (qemu, via libguestfs), and its memory when the
+# assembly started.
+CLI_HOOK = rf"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import rusage_hook
+rusage_hook.install()
 sys.argv[0] = "rootfs-build"
 from builder.cli import main
 sys.exit(main())
@@ -405,6 +401,30 @@ def cli_shown(cmd: list[str]) -> str:
         return " ".join(cmd)
     i = cmd.index(CLI_HOOK)
     return " ".join([*cmd[:i - 2], "rootfs-build", *cmd[i + 1:]])
+
+
+def rss_split(big: Run, little: Run, d_entries: int) -> list[str]:
+    """The peak RSS of the two cold builds cut where the assembly starts
+    (bench/rusage_hook.py): what the extraction and the layer index cost per
+    extra entry, and what assembly and compression add on top."""
+    def mb(r: Run, key: str) -> float:
+        return float(r.rusage.get(key, 0)) / 1024
+
+    if not (big.rusage.get("at_assembly_rss_kb") and little.rusage.get("at_assembly_rss_kb")):
+        return []
+
+    def per_entry(key: str) -> str:
+        a, b = mb(big, key), mb(little, key)
+        return (f"{a:.0f} / {b:.0f} MB, {(a - b) * 1024 * 1024 / d_entries:.0f} bytes per "
+                "extra entry")
+
+    top_big = mb(big, "self_maxrss_kb") - mb(big, "at_assembly_rss_kb")
+    top_little = mb(little, "self_maxrss_kb") - mb(little, "at_assembly_rss_kb")
+    return [f"  peak before the assembly (extraction, layer writer): "
+            f"{per_entry('before_assembly_hwm_kb')}",
+            f"  RSS when the assembly starts (layer index, imports): "
+            f"{per_entry('at_assembly_rss_kb')}",
+            f"  the assembly and zstd on top of that: {top_big:.0f} / {top_little:.0f} MB"]
 
 
 def median(runs: list[Run]) -> Run:
@@ -916,6 +936,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
                        f"(({big:.0f} - {little:.0f}) MB over {d_entries} entries); "
                        f"the layer index on disk: {sizes.get('index bytes per entry', 0)} "
                        "bytes per entry")
+            out += rss_split(max(results["cold"], key=rss), max(results["small"], key=rss),
+                             d_entries)
     for key, label in (("H", "host side only"), ("warm", "warm rebuild, nothing changed"),
                        ("warm2", "warm rebuild, 1 overlay file changed")):
         out.append(f"{label:<{width}}  {max(rss(r) for r in results[key]):8.0f}")

@@ -15,10 +15,8 @@ Records the process's rusage like the other timed runs (ROOTFS_BENCH_RUSAGE).
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import rusage_hook  # noqa: E402
 
 from builder import guestfs_io, steps  # noqa: E402
 
@@ -67,15 +67,6 @@ class StreamAppliance:
         return value
 
 
-def _dump() -> None:
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(os.environ["ROOTFS_BENCH_RUSAGE"], "w") as f:
-        json.dump({"self_maxrss_kb": s.ru_maxrss, "self_cpu": s.ru_utime + s.ru_stime,
-                   "children_maxrss_kb": c.ru_maxrss,
-                   "children_cpu": c.ru_utime + c.ru_stime}, f)
-
-
 def main() -> int:
     stream, info, sep, *args = sys.argv[1:]
     assert sep == "--", "usage: host_only.py STREAM.tar BASEINFO.json -- ARGS..."
@@ -90,7 +81,7 @@ def main() -> int:
 
     steps.StepContext.appliance = appliance  # type: ignore[method-assign]
     if "ROOTFS_BENCH_RUSAGE" in os.environ:
-        atexit.register(_dump)
+        rusage_hook.install()
     sys.argv = ["rootfs-build", *args]
     from builder.cli import main as cli_main
     return cli_main()
