@@ -145,7 +145,7 @@ def _registry_options(args: argparse.Namespace) -> Any:
 
 def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | None = None,
               overrides: list[str] | None = None) -> int:
-    from . import distribute, oci
+    from . import oci
     from .build import BuildOptions, build
     from .cache import Cache
     from .recipe import load_recipe
@@ -182,6 +182,8 @@ def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | No
     for a in result.artifacts:
         lines.append(f"  {a['sha256']}  {a['path']}  ({a['size']} bytes)")
     if push_ref is not None:
+        from . import distribute
+
         try:
             pushed = distribute.push_output(result.directory, push_ref, opts)
         except RegistryError as e:
