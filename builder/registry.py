@@ -4,7 +4,7 @@ shares, and the errors.  The HTTP client is registry_client.Client; it is
 kept apart because oras-py and requests take ~0.1 s and ~9 MB to import,
 which a build that talks to no registry should not pay.
 
-credentials: oras merges ~/.docker/config.json and the files it is given
+Credentials: oras merges ~/.docker/config.json and the files it is given
 in no fixed order.  Here the first of --creds-file, REGISTRY_AUTH_FILE,
 $DOCKER_CONFIG/config.json or ~/.docker/config.json is used, the way
 skopeo and podman look.  Secrets never reach argv, messages or logs.
