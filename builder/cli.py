@@ -149,7 +149,7 @@ def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | No
     from .build import BuildOptions, build
     from .cache import Cache
     from .recipe import load_recipe
-    from .registry import Reference, RegistryError
+    from .registry import Reference, RegistryError, connect
     from .remote_cache import Remotes
 
     recipe = load_recipe(recipe_path or args.recipe,
@@ -161,9 +161,7 @@ def cmd_build(args: argparse.Namespace, session: Session, recipe_path: Path | No
             raise UserError("--push needs the oci format", where=recipe.where("output", "formats"),
                             hint="add oci to output.formats (e.g. --set "
                                  "'output.formats=[tar.zst, oci]')")
-        from .registry_client import Client
-
-        Client(push_ref, opts).ping()   # refused credentials fail now, not after the build
+        connect(push_ref, opts)   # refused credentials fail now, not after the build
     remotes = Remotes.from_flags(args.cache_from, args.cache_to, opts)
     cache = Cache(args.cache_dir, enabled=not args.no_cache)
     try:

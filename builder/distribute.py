@@ -38,7 +38,7 @@ from . import __version__, oci, ui, values
 from .deploy.bundle import SUMS, _check_rel, read_sums
 from .errors import UserError
 from .hashing import sha256_file
-from .registry import NotFound, Options, Reference, RegistryError
+from .registry import NotFound, Options, Reference, RegistryError, connect
 
 if TYPE_CHECKING:
     from .registry_client import Client
@@ -144,10 +144,7 @@ def push_output(directory: Path, ref: Reference, opts: Options) -> Transfer:
     bundle_tar = None
     if bundle_file.is_file():
         bundle_tar = {"sha256": sha256_file(bundle_file), "size": bundle_file.stat().st_size}
-    from .registry_client import Client
-
-    client = Client(ref, opts)
-    client.ping()
+    client = connect(ref, opts)
     blobs_prefix = f"{oci.LAYOUT_DIR}/blobs/"
     image_blobs = {d.hex for d in (image.manifest, image.config, *image.layers)}
     carried = [f for f in files if not (f.rel.startswith(blobs_prefix)
@@ -245,10 +242,7 @@ def pull_output(ref: Reference, output_root: Path, opts: Options) -> Transfer:
             raise UserError(f"REF {ref}: pull needs a tag (the deployment files are found by "
                             f"the tag + {BUNDLE_TAG_SUFFIX!r})", hint="e.g. REPO:v1")
         ref = ref.with_tag("latest")
-    from .registry_client import Client
-
-    client = Client(ref, opts)
-    client.ping()
+    client = connect(ref, opts)
     accept = oci.MEDIA_MANIFEST
     try:
         data, media_type = client.get_manifest_bytes(ref, ref.digest or ref.tag or "latest",

@@ -1,8 +1,9 @@
 """Registry names and credentials: references (host/repository:tag@digest),
 the auth files consulted for a host, the options every registry user
-shares, and the errors.  The HTTP client is registry_client.Client; it is
-kept apart because oras-py and requests take ~0.1 s and ~9 MB to import,
-which a build that talks to no registry should not pay.
+shares, the errors, and `connect`, which makes the HTTP client
+(registry_client.Client).  The client is kept apart because oras-py and
+requests take ~0.1 s and ~9 MB to import, which a build that talks to no
+registry should not pay.
 
 Credentials: oras merges ~/.docker/config.json and the files it is given
 in no fixed order.  Here the first of --creds-file, REGISTRY_AUTH_FILE,
@@ -23,8 +24,12 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .registry_client import Client
 
 DEFAULT_TIMEOUT = 60.0
 MAX_DOCUMENT = 4 << 20     # manifests and configs; blobs are streamed
@@ -210,3 +215,15 @@ class Options:
     insecure: bool = False            # plain HTTP, loopback registries only
     creds_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT  # seconds to connect, and between bytes read
+
+
+def connect(ref: Reference, opts: Options) -> Client:
+    """A client for `ref`'s registry, with the credentials and TLS tried
+    once (ping), so a refusal is reported before any work.  The only place
+    that loads registry_client: oras-py and requests cost ~0.1 s and ~9 MB
+    to import, which a build that talks to no registry does not pay."""
+    from .registry_client import Client
+
+    client = Client(ref, opts)
+    client.ping()
+    return client

@@ -22,8 +22,9 @@ the tests run (CNCF distribution 2.8) with oras 0.2.x:
   as it is written and refuses a blob that does not match.
 - credentials come from registry.find_credentials.
 
-Import it where a registry is talked to, not at module level of code every
-build loads: oras-py and requests take ~0.1 s and ~9 MB to import.
+registry.connect is the one place that imports it (and pings): oras-py and
+requests take ~0.1 s and ~9 MB to import, which a build that talks to no
+registry does not pay.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from .registry import (
     Options,
     Reference,
     RegistryError,
+    connect,
 )
 
 if TYPE_CHECKING:
@@ -109,10 +110,7 @@ class RemoteCache:
             return False
         if self._client is None:
             try:
-                from .registry_client import Client
-
-                client = Client(self.ref, self.opts)
-                client.ping()
+                client = connect(self.ref, self.opts)
             except RegistryError as e:
                 self._give_up(e)
                 return False
