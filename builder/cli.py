@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__, interrupts, ui
+from . import __version__, heap, interrupts, ui
 from .errors import BuildInterrupted, UserError
 from .session import Session
 
@@ -318,6 +318,7 @@ def cmd_demo(args: argparse.Namespace, session: Session) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.settle()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "build")

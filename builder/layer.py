@@ -24,8 +24,6 @@ every part padded to 8 bytes.  Entries are sorted by tarfmt.sort_key.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import mmap
@@ -39,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, overload
 
-from . import tarfmt
+from . import heap, tarfmt
 from .errors import UserError
 from .pipeline import BackgroundFile, ReadAhead
 from .tarfmt import CHR, DIR, LNK, REG, SYM, Member
@@ -315,7 +313,7 @@ class LayerWriter:
 
     def _forget_entries(self) -> None:
         """Drop the per-entry tables (they are in index.bin now), so that
-        _give_back_memory can hand their memory back while the caller still
+        heap.give_back can hand their memory back while the caller still
         holds the writer."""
         self._rows, self._links = {}, {}
         self._link_targets, self._deletions = set(), set()
@@ -652,7 +650,7 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
         ahead.close()
         writer.abort()
         raise
-    _give_back_memory()
+    heap.give_back()
     if stats is not None:
         stats.update(
             started=wall0, first_data=ahead.first_data or parsed,
@@ -660,21 +658,3 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
             read_cpu=ahead.busy, parse_cpu=parse_cpu, write_cpu=writer.writer_cpu,
             waited=ahead.waited, index_cpu=time.thread_time() - cpu0 - parse_cpu)
     return summary
-
-
-def _give_back_memory() -> None:
-    """Hand the heap the layer writer's per-entry tables used back to the
-    system (glibc keeps freed memory for reuse otherwise), so what assembly
-    allocates next does not sit on top of them: peak memory stays flat in
-    the number of entries."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
