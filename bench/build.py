@@ -387,6 +387,31 @@ def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | Non
     return r
 
 
+# Runs ARGV and writes its peak RSS (KiB) to the file ROOTFS_BENCH_CHILD_RSS
+# names.  A command spawned straight from the bench would report the bench's
+# own peak: the kernel carries the spawning process's peak over an exec
+# (subprocess uses vfork), so it is forked from this small process instead.
+CHILD_RSS = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, ru = os.wait4(pid, 0)
+with open(os.environ["ROOTFS_BENCH_CHILD_RSS"], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def zstd_peak_rss_kb(tar: Path) -> int:
+    """Peak RSS of `zstd -3 -T2` compressing `tar` (output dropped)."""
+    with tempfile.NamedTemporaryFile("r") as f:
+        subprocess.run([sys.executable, "-c", CHILD_RSS, "zstd", "-3", "-T2", "-q", "-c",
+                        str(tar)], stdout=subprocess.DEVNULL, check=True,
+                       env={**os.environ, "ROOTFS_BENCH_CHILD_RSS": f.name})
+        return int(f.read())
+
+
 def cli_cmd(recipe: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     return [str(PYTHON), "-c", CLI_HOOK, str(recipe), "-o", str(out), "--cache-dir", str(cache),
             "--json", *extra]
@@ -721,6 +746,19 @@ def main() -> int:
                                             rusage_file=rundir / "small.rusage",
                                             shown=cli_shown(cmd), timeline=[]))
                 shutil.rmtree(scache)
+                # The compressor's own peak on each finished tar (untimed):
+                # the same library runs inside the build, so its memory is
+                # part of the Python process's peak.
+                small_plain = floor_dir / "small.tar"
+                subprocess.run(["zstd", "-d", "-q", "-f",
+                                str(rundir / "out-small" / "bench" / "rootfs.tar.zst"),
+                                "-o", str(small_plain)], check=True)
+                log("peak RSS of zstd -3 -T2 alone on both finished tars")
+                sizes["zstd peak RSS KiB, base"] = max(
+                    sizes.get("zstd peak RSS KiB, base", 0), zstd_peak_rss_kb(plain))
+                sizes["zstd peak RSS KiB, small base"] = max(
+                    sizes.get("zstd peak RSS KiB, small base", 0), zstd_peak_rss_kb(small_plain))
+                small_plain.unlink()
             if not args.keep and rep + 1 < args.repeat:
                 shutil.rmtree(cache)
         load.append(f"after: {uptime()}")
@@ -947,6 +985,11 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
                        "bytes per entry")
             out += rss_split(max(results["cold"], key=rss), max(results["small"], key=rss),
                              d_entries)
+    if sizes.get("zstd peak RSS KiB, small base"):
+        z_big = sizes["zstd peak RSS KiB, base"] / 1024
+        z_little = sizes["zstd peak RSS KiB, small base"] / 1024
+        out.append(f"  zstd -3 -T2 alone on the two finished tars (the compressor the build "
+                   f"runs in-process): {z_big:.0f} / {z_little:.0f} MB, {z_little / z_big:.2f}")
     for key, label in (("H", "host side only"), ("warm", "warm rebuild, nothing changed"),
                        ("warm2", "warm rebuild, 1 overlay file changed")):
         out.append(f"{label:<{width}}  {max(rss(r) for r in results[key]):8.0f}")
