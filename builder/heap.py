@@ -49,7 +49,8 @@ def _function(name: str) -> Any:
 
 def settle() -> None:
     """Fix the heap's thresholds for block-sized work (see the module
-    docstring); call once, early in the process."""
+    docstring): early in the process, before the pipelines start; calling
+    it again changes nothing."""
     mallopt = _function("mallopt")
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
