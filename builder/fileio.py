@@ -5,15 +5,20 @@
 - `atomic_path` / `write_atomic`: a file appears at its path whole or not at
   all: it is written under a temporary name in the same directory, fsynced,
   given its mode and renamed over the path.
+- `libc_function`: a call of the C library that Python's os module lacks
+  (sync_file_range, renameat2, mallopt, malloc_trim), loaded in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 20
 
@@ -72,3 +77,18 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(raw)
+
+
+_libc: Any = None
+
+
+def libc_function(name: str) -> Any:
+    """The C library's function `name` (a ctypes function whose errno
+    ctypes.get_errno() reads), or None where the library has none."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        except OSError:
+            _libc = False
+    return getattr(_libc, name, None) if _libc else None

@@ -23,9 +23,7 @@ Both do nothing where the C library has no such calls (not glibc).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from typing import Any
+from .fileio import libc_function
 
 BLOCK_MAX = 1 << 20              # a pipeline's block (READ_CHUNK, READ_BLOCK, BUFFER)
 MMAP_THRESHOLD = 2 * BLOCK_MAX   # blocks come from the heap, not a mapping each
@@ -34,24 +32,12 @@ TRIM_THRESHOLD = 8 * BLOCK_MAX   # free heap kept for the next blocks, per arena
 _M_TRIM_THRESHOLD = -1           # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
 
-_libc: Any = None
-
-
-def _function(name: str) -> Any:
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        except OSError:
-            _libc = False
-    return getattr(_libc, name, None) if _libc else None
-
 
 def settle() -> None:
     """Fix the heap's thresholds for block-sized work (see the module
     docstring): early in the process, before the pipelines start; calling
     it again changes nothing."""
-    mallopt = _function("mallopt")
+    mallopt = libc_function("mallopt")
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
@@ -61,6 +47,6 @@ def give_back() -> None:
     """Hand the heap's free memory back to the system now (malloc_trim(0)),
     so what is allocated next does not sit on top of memory nobody uses:
     peak memory stays flat in the number of entries."""
-    malloc_trim = _function("malloc_trim")
+    malloc_trim = libc_function("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)

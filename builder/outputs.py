@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import gzip
@@ -35,6 +34,7 @@ import zstandard
 
 from . import ui
 from .errors import UserError
+from .fileio import libc_function
 from .hashing import sha256_file
 from .pipeline import BackgroundFile
 
@@ -180,8 +180,7 @@ _RENAME_EXCHANGE = 2
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False if unsupported."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = libc_function("renameat2")
     if fn is None:
         return False
     at_fdcwd = -100

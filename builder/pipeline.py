@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import queue
@@ -29,6 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .fileio import libc_function
 
 BATCH = 256 << 10             # small writes are gathered up to this before a hand-over
 DEPTH = 4                     # hand-overs in flight (each at most ~1 MiB: bounded memory)
@@ -45,14 +46,11 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     little left to do: the disk works while the stream is still arriving."""
     global _sync_file_range
     if _sync_file_range is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            fn = libc.sync_file_range
+        fn = libc_function("sync_file_range")
+        if fn is not None:
             fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
             fn.restype = ctypes.c_int
-            _sync_file_range = fn
-        except (OSError, AttributeError):
-            _sync_file_range = False
+        _sync_file_range = fn or False
     if _sync_file_range:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
