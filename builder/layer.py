@@ -124,17 +124,24 @@ class LayerWriter:
         if m.type == LNK:
             target = tarfmt.sort_key(m.linkname)
             row = self._rows.get(target)
+            if target == key:
+                raise UserError(
+                    f"{self.source}: hard link {m.name.decode('utf-8', 'replace')!r} points to "
+                    "itself")
             if row is None or self._type[row] != REG[0]:
                 raise UserError(
                     f"{self.source}: hard link {m.name.decode('utf-8', 'replace')!r} points to "
                     f"{m.linkname.decode('utf-8', 'replace')!r}, which is not a regular file "
                     "earlier in the stream")
-            self._link_targets.add(target)
-        elif self._link_targets and m.type != REG and key in self._link_targets:
+        # a link's target stays the regular file it linked to (a hard link
+        # over it included: the group would be left without its data)
+        if self._link_targets and m.type != REG and key in self._link_targets:
             raise UserError(
                 f"{self.source}: {m.name.decode('utf-8', 'replace')!r} is the target of a hard "
                 f"link earlier in the stream, and a later member makes it a "
                 f"{tarfmt.TYPE_NAMES.get(m.type, 'non-file')}")
+        if m.type == LNK:
+            self._link_targets.add(target)
         out = self._out
         start = out.size
         if m.type == REG and m.size:

@@ -255,6 +255,23 @@ def test_replacing_a_link_keeps_the_rest_of_the_group(stack: Stack) -> None:
     assert v.entries[b"usr/bin/c"] == Entry("lnk", link=b"usr/bin/a")
 
 
+def test_a_hard_link_target_made_a_hard_link_later_is_refused(stack: Stack) -> None:
+    """Found by test_assemble_model: a member that makes a hard link's target
+    a hard link itself left the group without data, and assembly failed with
+    a KeyError instead of the writer refusing the layer, as it does when the
+    target becomes a directory or a symlink."""
+    with pytest.raises(UserError, match="'usr' is the target of a hard link earlier in the "
+                                        "stream, and a later member makes it a hardlink"):
+        stack.layer([reg("usr"), reg("a"), hardlink("b", "usr"), hardlink("usr", "a")])
+
+
+def test_a_hard_link_to_itself_is_refused(stack: Stack) -> None:
+    """The same gap without a second name: the file replaced by a link to
+    itself left a group without data (a KeyError in assembly)."""
+    with pytest.raises(UserError, match="hard link 'a' points to itself"):
+        stack.layer([reg("a", b"A"), hardlink("a", "a")])
+
+
 # ---------------------------------------------------------------------------
 # overlayfs upper directories
 
