@@ -347,18 +347,35 @@ class _Groups:
             self.anchor_of[group] = min(names, key=tarfmt.sort_key)
 
 
+# Entries written between two drops of the layers' index pages: writing
+# walks index.bin once, in order, and the pages it passed would otherwise
+# stay in the process's memory to the end (~5 MB of the 1 GB bench base's
+# 65,000 entries, against ~1 MB per drop interval).
+RELEASE_INDEX_EVERY = 8192
+
+
 def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:
     """Write the merged tree as a canonical tar to `sink`."""
     stats = AssemblyStats()
     groups = _Groups(tree)
     anchor_of, data_of = groups.anchor_of, groups.data_of
+    next_release = RELEASE_INDEX_EVERY
 
     def write(data: bytes) -> None:
         sink.write(data)
         stats.tar_bytes += len(data)
 
+    def walked(entries: int) -> None:
+        """`entries` more entries are written (or on their way to the sink)."""
+        nonlocal next_release
+        stats.entries += entries
+        if stats.entries >= next_release:
+            next_release = stats.entries + RELEASE_INDEX_EVERY
+            for layer in tree.layers:
+                layer.release_index_pages()
+
     def node_out(name: bytes, node: Node) -> None:
-        stats.entries += 1
+        walked(1)
         if node.layer is None or node.entry is None:
             write(tarfmt.encode_header(Member(name, DIR, 0o755, mtime=epoch)))
             return
@@ -401,7 +418,7 @@ def write_tree(tree: Tree, epoch: int, sink: Sink) -> AssemblyStats:
             node_out(name, tree._over[name])
     else:
         stops = _stops(tree, base, groups.base_positions, epoch)
-        backbone = _Backbone(base, tree, stops, stats, write, node_out)
+        backbone = _Backbone(base, tree, stops, stats, write, node_out, walked)
         at = 0
         for name in over_names:
             pos = base.bisect(tarfmt.sort_key(name))
@@ -438,9 +455,9 @@ class _Backbone:
 
     def __init__(self, base: Layer, tree: Tree, stops: list[int], stats: AssemblyStats,
                  write: Callable[[bytes], None],
-                 node_out: Callable[[bytes, Node], None]):
+                 node_out: Callable[[bytes, Node], None], walked: Callable[[int], None]):
         self.base, self.tree, self.stops = base, tree, stops
-        self.stats, self.write, self.node_out = stats, write, node_out
+        self.stats, self.write, self.node_out, self.walked = stats, write, node_out, walked
         self._next_stop = 0
 
     def out(self, lo: int, hi: int) -> None:
@@ -463,15 +480,19 @@ class _Backbone:
         offsets, lengths = self.base.offsets, self.base.lengths
         gather = _Gather(self.base, self.write)
         start = end = offsets[lo]
-        for i in range(lo, hi):
-            off = offsets[i]
-            if off != end:
-                gather.copy(start, end - start)
-                start = end = off
-            end += lengths[i]
+        # in pieces, so that a run over the whole base still drops the
+        # index pages it walked as it goes (a read may go on across pieces)
+        for piece in range(lo, hi, RELEASE_INDEX_EVERY):
+            piece_end = min(hi, piece + RELEASE_INDEX_EVERY)
+            for i in range(piece, piece_end):
+                off = offsets[i]
+                if off != end:
+                    gather.copy(start, end - start)
+                    start = end = off
+                end += lengths[i]
+            self.walked(piece_end - piece)
         gather.copy(start, end - start)
         gather.flush()
-        self.stats.entries += hi - lo
         self.stats.copied_verbatim += hi - lo
 
 

@@ -417,8 +417,9 @@ class _Columns:
     Mapped, not read, so that only the columns a build touches take memory:
     copying runs of the base touches offsets and lengths, while names are
     read only where a lookup lands (assembling the bench's 1 GB base touched
-    2 of index.bin's 7.4 MB).  A cache entry's files are never rewritten in
-    place (entries are renamed into the cache whole), so the map cannot
+    2 of index.bin's 7.4 MB), and the pages a walk has passed can be dropped
+    (Layer.release_index_pages).  A cache entry's files are never rewritten
+    in place (entries are renamed into the cache whole), so the map cannot
     shrink under it."""
 
     def __init__(self, path: Path):
@@ -453,6 +454,7 @@ class _Columns:
             return col
 
         self.count = n
+        self.map = data
         self.name_end = part(n, "Q", 8)
         self.offset = part(n, "Q", 8)
         self.length = part(n, "Q", 8)
@@ -524,6 +526,13 @@ class Layer:
         self.mtimes = cols.mtime
         self.entries = _Entries(self)
         self._file: BinaryIO | None = None
+
+    def release_index_pages(self) -> None:
+        """Take the pages of index.bin this process touched out of its memory.
+        They stay in the page cache, and the views stay valid: a later access
+        faults its page back in.  A walk over the whole index that calls this
+        now and then holds a few pages at a time, not every page it passed."""
+        self._cols.map.madvise(mmap.MADV_DONTNEED)
 
     # -- entries by position --------------------------------------------------
     def name(self, i: int) -> bytes:

@@ -15,7 +15,7 @@ import pytest
 import unit_helpers as h
 from unit_helpers import EPOCH, Entry, Stack, dir_, hardlink, reg, sym
 
-from builder import tarfmt
+from builder import assemble, tarfmt
 from builder.errors import UserError
 from builder.tarfmt import CHR, Member
 
@@ -429,3 +429,62 @@ def test_merged_output_extracts(stack: Stack, tmp_path: Path) -> None:
     h.gnu_extract(data, tmp_path / "x")
     fs = h.fs_view(tmp_path / "x")
     assert fs == h.without_symlink_modes(h.tarfile_view(data).entries)
+
+
+# ---------------------------------------------------------------------------
+# memory
+
+
+class _ResidentSink:
+    """Drops what is written; every 1 MiB of it, notes how much of `path`
+    is resident in this process's memory, keeping the largest."""
+
+    def __init__(self, path: Path):
+        self.path, self.written, self.most = path, 0, 0
+
+    def write(self, data: bytes) -> None:
+        before, self.written = self.written, self.written + len(data)
+        if before >> 20 != self.written >> 20:
+            self.most = max(self.most, _resident_kib(self.path))
+
+
+def _resident_kib(path: Path) -> int:
+    """KiB of `path`'s pages resident in this process's mappings of it."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):     # a mapping's first line
+                inside = line.rstrip("\n").endswith(" " + str(path))
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("newer", [True, False], ids=["entry by entry", "copied in runs"])
+def test_assembly_does_not_keep_the_index_pages_it_walked(stack: Stack, newer: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # entries newer than the epoch under "clamp" are written one by one
+    # (every column of index.bin is read); the others are copied in one run
+    # (offsets and lengths are read)
+    entries = 60_000
+    mtime = EPOCH + 1 if newer else EPOCH
+    base = stack.layer([dir_("", mtime=mtime)] + [dir_(f"d{i:06d}", mtime=mtime)
+                                                  for i in range(entries)],
+                       mtime_policy="clamp")
+    index = base.directory / "index.bin"
+
+    def walk() -> int:
+        base.release_index_pages()
+        sink = _ResidentSink(index)
+        stats = assemble.write_tree(stack.tree(), EPOCH, sink)
+        assert stats.entries == entries + 1
+        return sink.most
+
+    with monkeypatch.context() as m:
+        m.setattr(assemble, "RELEASE_INDEX_EVERY", entries * 2)
+        kept = walk()           # the baseline: nothing dropped on the way
+    assert kept > 1000          # big enough that keeping it shows
+    # what is held is what was walked since the last drop (with the pages
+    # the kernel maps around each fault), not what the walk touched so far
+    assert walk() < kept // 2
