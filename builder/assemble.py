@@ -349,7 +349,7 @@ class _Groups:
 
 # Entries written between two drops of the layers' index pages: writing
 # walks index.bin once, in order, and the pages it passed would otherwise
-# stay in the process's memory to the end (~5 MB of the 1 GB bench base's
+# stay in the process's memory to the end (4-5 MB of the 1 GB bench base's
 # 65,000 entries, against ~1 MB per drop interval).
 RELEASE_INDEX_EVERY = 8192
 
