@@ -3,8 +3,10 @@
 Launch policy: the direct backend, with KVM when it works.  When a launch
 fails and TCG was not forced already, it is retried once with TCG and one
 warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
-launches in the same process go straight to TCG.  A TCG appliance gets
-libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
+launches in the same process go straight to TCG.  A TCG launch still running
+after LAUNCH_STALLED_AFTER seconds is stopped and started once more
+(_launch_attempts).  A TCG appliance gets libguestfs' CPU model without the
+flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
@@ -40,6 +42,11 @@ DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
 # A launch boots a VM (tens of seconds under TCG on a loaded host) and reports
 # no progress meanwhile, so it gets at least this long whatever the call limit.
 LAUNCH_TIMEOUT = 600.0
+# A launch takes 8-40 s under TCG here (supermin's first build included).  An
+# SMP guest booting under TCG can hang now and then: a blank image's launch in
+# CI was still running after 290 s.  One that has not finished after this long
+# is stopped and started again; the second attempt gets the full limit.
+LAUNCH_STALLED_AFTER = 180.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
 # Set once a KVM launch failed: later launches in this process go straight
@@ -404,14 +411,14 @@ class Appliance:
                 g.add_drive_opts(path, **opts)
         return g
 
-    def _launch_quietly(self) -> None:
+    def _launch_quietly(self, limit: float) -> None:
         """launch(), with libguestfs' own stderr chatter kept out of the user's
         way (shown with -v)."""
         saved = os.dup(2)
         with tempfile.TemporaryFile() as log:
             os.dup2(log.fileno(), 2)
             try:
-                self.call("launch", timeout=max(self.timeout, LAUNCH_TIMEOUT))
+                self.call("launch", timeout=limit)
                 if self.session is not None:
                     self.session.launches += 1
                 self._pid = self.g.get_pid()
@@ -422,31 +429,43 @@ class Appliance:
                     log.seek(0)
                     sys.stderr.write(log.read().decode("utf-8", "replace"))
 
+    def _launch_attempts(self) -> list[tuple[bool, float]]:
+        """(TCG?, seconds allowed) of each launch to try, in order: KVM once,
+        unless known to fail; then TCG, first with a short limit so that a
+        hung boot is stopped early, then with the full one."""
+        tcg = [(True, LAUNCH_STALLED_AFTER), (True, max(self.timeout, LAUNCH_TIMEOUT))]
+        if _tcg_only or _tcg_forced_by_env():
+            return tcg
+        return [(False, LAUNCH_STALLED_AFTER), *tcg]
+
     def launch(self) -> None:
+        """Start the appliance (see the module's launch policy); one line of
+        error naming the likely fix when no attempt starts it."""
         global _tcg_only
-        tcg = _tcg_only or _tcg_forced_by_env()
         ui.step(f"starting the appliance for {self.label}")
-        self.g = self._new_handle(tcg)
-        try:
-            self._launch_quietly()
-            return
-        except ApplianceError as first:
-            self._close_handle()
-            if tcg:
-                raise ApplianceError(f"{self.label}: the libguestfs appliance did not start: "
-                                     f"{self._unlabelled(first)}", hint=_launch_hint()
-                                     ) from None
-        ui.warn("the appliance failed to start with KVM; using TCG (software emulation, "
-                "slower)", once_key="tcg")
-        _tcg_only = True
-        self.g = self._new_handle(True)
-        try:
-            self._launch_quietly()
-        except ApplianceError as second:
-            self._close_handle()
-            raise ApplianceError(f"{self.label}: the libguestfs appliance did not start "
-                                 f"(KVM and TCG): {self._unlabelled(second)}",
-                                 hint=_launch_hint()) from None
+        attempts = self._launch_attempts()
+        tried_kvm = not attempts[0][0]
+        for number, (tcg, limit) in enumerate(attempts, 1):
+            self.g = self._new_handle(tcg)
+            try:
+                self._launch_quietly(limit)
+                return
+            except ApplianceError as e:
+                stalled = (self._killed_for or "").startswith("timeout")
+                self._close_handle()
+                last = number == len(attempts)
+                if last or (tcg and not stalled):
+                    raise ApplianceError(
+                        f"{self.label}: the libguestfs appliance did not start"
+                        f"{' (KVM and TCG)' if tried_kvm else ''}: {self._unlabelled(e)}",
+                        hint=_launch_hint()) from None
+            if not tcg:
+                ui.warn("the appliance failed to start with KVM; using TCG (software "
+                        "emulation, slower)", once_key="tcg")
+                _tcg_only = True
+            else:
+                ui.warn(f"{self.label}: the appliance had not started after {limit:.0f} s; "
+                        "starting it again")
 
     def _unlabelled(self, e: UserError) -> str:
         return e.message.removeprefix(f"{self.label}: ")

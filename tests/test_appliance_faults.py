@@ -162,3 +162,47 @@ def test_without_dev_kvm_access_the_build_runs_on_tcg(demo_build: Build,
         assert slept is not None and slept.read() == b"slept 0\n"
     # the machine's /dev/kvm was not touched outside the namespace
     assert " /dev/kvm " not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_launch_that_hangs_is_started_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A boot that hangs (seen once under TCG in CI: a launch still running
+    after 290 s) is stopped after LAUNCH_STALLED_AFTER and started again, with
+    one warning.  The first boot here is a stand-in qemu that hangs; the
+    second is the real one."""
+    from builder import guestfs_io
+    from builder.session import Session
+
+    real = guestfs_io._guestfs_module().GuestFS().get_hv()
+    hangs = tmp_path / "hung.pid"
+    hv = tmp_path / "qemu-hangs-once"   # our kill finds qemu by its name
+    hv.write_text(f"#!{sys.executable}\n"
+                  "import os, sys, time\n"
+                  f"if '-kernel' in sys.argv and not os.path.exists({str(hangs)!r}):\n"
+                  f"    open({str(hangs)!r}, 'w').write(str(os.getpid()))\n"
+                  "    time.sleep(1000)\n"
+                  f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    hv.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 5.0)
+    disk = tmp_path / "empty.raw"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    session = Session()
+    app = guestfs_io.Appliance("hang probe", session=session)
+    app.add_drive(disk, fmt="raw")
+    t0 = time.monotonic()
+    with app:
+        assert app.call("debug", "sh", ["echo up"]).strip() == "up"
+    print(f"hung launch stopped and the second one up in {time.monotonic() - t0:.1f} s")
+    assert hangs.exists(), "the stand-in never ran: the test proves nothing"
+    try:   # the stand-in is stopped: gone, or a zombie libguestfs has not reaped
+        state = Path(f"/proc/{hangs.read_text()}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the hung stand-in is still running ({state})"
+    assert session.launches == 1
+    warnings = [r.getMessage() for r in caplog.records if "starting it again" in r.getMessage()]
+    assert warnings == ["warning: hang probe: the appliance had not started after 5 s; "
+                        "starting it again"], caplog.text
