@@ -88,6 +88,8 @@ def test_launch_failure_is_one_line_with_the_fix(case: str, demo_build: Build,
 
 def test_hung_appliance_call_times_out(demo_build: Build, tmp_path: Path) -> None:
     cache = copy_cache(demo_build.cache, tmp_path / "cache")
+    # the session's demo cache holds the run steps of the tests that used it
+    runs_before = entries_of_kind(cache, "run")
     out = tmp_path / "out"
     sleepy_element(tmp_path / "elements")
     r = recipe(tmp_path / "sleepy.yaml", "sleepy", demo_image(demo_build),
@@ -115,7 +117,7 @@ def test_hung_appliance_call_times_out(demo_build: Build, tmp_path: Path) -> Non
     assert run.qemus() and not gone_within(run.qemus(), 0), "qemu outlived the build"
     assert leftovers(out, "sleepy", cache) == []
     assert not (out / "sleepy").exists()
-    assert entries_of_kind(cache, "run") == []
+    assert entries_of_kind(cache, "run") == runs_before   # nothing of the stopped step
 
 
 @pytest.mark.root
