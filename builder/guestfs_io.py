@@ -3,10 +3,10 @@
 Launch policy: the direct backend, with KVM when it works.  When a launch
 fails and TCG was not forced already, it is retried once with TCG and one
 warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
-launches in the same process go straight to TCG.  A TCG launch still running
-after LAUNCH_STALLED_AFTER seconds is stopped and started once more
-(_launch_attempts).  A TCG appliance gets libguestfs' CPU model without the
-flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
+launches in the same process go straight to TCG.  A launch still running
+after LAUNCH_STALLED_AFTER seconds is stopped: a KVM one goes on to TCG, a
+TCG one is started once more (_launch_attempts).  A TCG appliance gets
+libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
@@ -42,10 +42,11 @@ DEFAULT_TIMEOUT = 1800.0   # seconds without progress before a call is killed
 # A launch boots a VM (tens of seconds under TCG on a loaded host) and reports
 # no progress meanwhile, so it gets at least this long whatever the call limit.
 LAUNCH_TIMEOUT = 600.0
-# A launch takes 8-40 s under TCG here (supermin's first build included).  An
-# SMP guest booting under TCG can hang now and then: a blank image's launch in
-# CI was still running after 290 s.  One that has not finished after this long
-# is stopped and started again; the second attempt gets the full limit.
+# A launch took 8-17 s under TCG on the 2-core build machines.  A guest booting
+# under TCG can hang now and then: in CI a build of a blank image said it fell
+# back to TCG and then nothing more until the test killed it after 300 s.  A
+# launch not finished after this long is stopped and started again; the second
+# attempt gets the full limit.
 LAUNCH_STALLED_AFTER = 180.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 

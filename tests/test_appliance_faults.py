@@ -168,10 +168,10 @@ def test_without_dev_kvm_access_the_build_runs_on_tcg(demo_build: Build,
 
 def test_a_launch_that_hangs_is_started_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    """A boot that hangs (seen once under TCG in CI: a launch still running
-    after 290 s) is stopped after LAUNCH_STALLED_AFTER and started again, with
-    one warning.  The first boot here is a stand-in qemu that hangs; the
-    second is the real one."""
+    """A boot that hangs (likely what stopped a CI run: a build of a blank
+    image silent for 300 s after its fall back to TCG) is stopped after
+    LAUNCH_STALLED_AFTER and started again, with one warning.  The first boot
+    here is a stand-in qemu that hangs; the second is the real one."""
     from builder import guestfs_io
     from builder.session import Session
 
