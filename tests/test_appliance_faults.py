@@ -188,11 +188,14 @@ def test_a_launch_that_hangs_is_started_again(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
     monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 5.0)
+    # the second, real boot takes 8-17 s; should the stand-in hang there too
+    # (its first boot not reached within the 5 s), fail after 300 s, not 1800
+    monkeypatch.setattr(guestfs_io, "LAUNCH_TIMEOUT", 300.0)
     disk = tmp_path / "empty.raw"
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
     session = Session()
-    app = guestfs_io.Appliance("hang probe", session=session)
+    app = guestfs_io.Appliance("hang probe", session=session, timeout=60)
     app.add_drive(disk, fmt="raw")
     t0 = time.monotonic()
     with app:
