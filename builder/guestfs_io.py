@@ -166,6 +166,39 @@ TRANSIENT_PATHS: tuple[tuple[str, str], ...] = (
 # `rpm --eval %_dbpath` is asked as well when the tree has rpm.
 RPMDB_DIRS = ("var/lib/rpm", "usr/lib/sysimage/rpm", "root/.rpmdb")
 
+Nevra = tuple[str, int, str, str, str]   # name, epoch, version, release, arch
+# The database directory, then one line per installed package: its NEVRA,
+# its install time and transaction id (the two stamps _normalize_rpmdb clamps).
+RPM_LISTING_ARGV = ("rpm", "-E", "%_dbpath", "-qa", "--qf",
+                    "%{NAME}\\t%{EPOCHNUM}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}"
+                    "\\t%{INSTALLTIME}\\t%{INSTALLTID}\\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class RpmListing:
+    """What one run of a rootfs's rpm says: its database directory (relative
+    to the rootfs, None when %_dbpath is empty), the installed packages, and
+    every install time and transaction id recorded (a package without them,
+    like gpg-pubkey on some rpm versions, adds none)."""
+    dbdir: str | None
+    packages: list[Nevra]
+    stamps: list[int]
+
+    @classmethod
+    def parse(cls, out: str) -> RpmListing:
+        """`out` of RPM_LISTING_ARGV: rpm prints the expansion while it reads
+        its options, so it comes first."""
+        dbpath, _, rows = out.partition("\n")
+        packages, stamps = [], []
+        for line in rows.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 7:
+                continue
+            name, epoch, version, release, arch, installtime, tid = parts
+            packages.append((name, int(epoch), version, release, arch))
+            stamps += [int(t) for t in (installtime, tid) if t.isdigit()]
+        return cls(dbpath.strip().strip("/") or None, packages, stamps)
+
 class ApplianceError(UserError):
     """The appliance could not do what was asked."""
 
@@ -829,6 +862,7 @@ class TreeSession:
         self._binfmt_name = ""
         self._rpmdb: str | None = None
         self._rpm_checked = False
+        self._rpm_listing: RpmListing | None = None   # None once the tree may have changed
         self._down = True
 
     # -- set up -----------------------------------------------------------------
@@ -869,6 +903,7 @@ class TreeSession:
         start again on the same tree, the clock set anew."""
         if clock is not None:
             self.clock = clock
+        self._rpm_listing = None
         down = "" if self._down else _OVERLAY_DOWN
         self.app.call("debug", "sh", [down + f"rm -rf {_UPPER} /run/rb/upperfs/work\n"])
         self._up()
@@ -912,6 +947,7 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
     def command(self, argv: list[str]) -> str:
         """Run argv chrooted in the rootfs with the session's environment;
         its stdout.  A failure raises ApplianceError with its stderr."""
+        self._rpm_listing = None
         return str(self.app.call("command", ["/bin/bash", "-c", 'exec -c /bin/bash "$0" "$@"',
                                              f"{RUN_DIR}/one.sh", *argv]))
 
@@ -931,6 +967,7 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
         """Run `scripts` in order (their output in one log); a failure is one
         UserError line: `explain(log)` when it recognizes the log, else the
         last line of the output."""
+        self._rpm_listing = None
         self.app.call("rm_rf", f"{RUN_DIR}/scripts")
         self.app.call("mkdir_p", f"{RUN_DIR}/scripts")
         for i, (name, data) in enumerate(scripts):
@@ -973,6 +1010,18 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
         return bytes(data).decode("utf-8", "replace")
 
     # -- the rpm database -----------------------------------------------------------
+    def rpm_listing(self) -> RpmListing:
+        """The rootfs's installed packages and database directory, from one
+        run of its rpm (the rootfs must have rpm).  Under emulation every rpm
+        run costs seconds (5 s just to start, on the 2-core build machines),
+        so the listing is kept until the tree may have changed: a command,
+        scripts, reset()."""
+        if self._rpm_listing is None:
+            out = self.command(list(RPM_LISTING_ARGV))
+            self._rpm_listing = RpmListing.parse(out)
+            self._rpmdb, self._rpm_checked = self._rpm_listing.dbdir, True
+        return self._rpm_listing
+
     def rpmdb_dir(self) -> str | None:
         """The rootfs's rpm database directory (relative), None without rpm."""
         if not self._rpm_checked:
@@ -995,8 +1044,7 @@ mountpoint -q /sysroot{inside} || mount -o ro -t {fstype} /dev/disk/guestfs/{lab
         dbdir = self.rpmdb_dir()
         if dbdir is None or not self._upper_has(dbdir):
             return
-        times = self.command(["rpm", "-qa", "--qf", "%{INSTALLTIME} %{INSTALLTID}\\n"])
-        if not any(t.isdigit() and int(t) > self.epoch for t in times.split()):
+        if not any(t > self.epoch for t in self.rpm_listing().stamps):
             return
         started = time.monotonic()
         export = f"{RUN_DIR}/rpmdb-export"

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from . import emulation, guestfs_io
 from .errors import UserError
+from .guestfs_io import Nevra
 from .hashing import sha256_file
 
 T = TypeVar("T")
@@ -82,7 +83,7 @@ class RepoPackage:
     location: str        # relative to the repository's root
 
     @property
-    def nevra(self) -> tuple[str, int, str, str, str]:
+    def nevra(self) -> Nevra:
         return (self.name, self.epoch, self.version, self.release, self.arch)
 
 
@@ -113,7 +114,7 @@ class RpmFile:
     arch: str
 
     @property
-    def nevra(self) -> tuple[str, int, str, str, str]:
+    def nevra(self) -> Nevra:
         return (self.name, self.epoch, self.version, self.release, self.arch)
 
 
@@ -549,8 +550,8 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
     for i, k in enumerate(repo_set.keys):
         session.app.call("upload", str(k.path), f"{KEYS_DIR}/{i}.key")
         keys.append(f"{KEYS_DIR}/{i}.key")
-    before = _rpm_query(session)
-    rpm_version = session.command(["rpm", "--version"]).strip().rsplit(" ", 1)[-1]
+    before = session.rpm_listing().packages
+    rpm_version = _rpm_version(session, before)
     script = _script(tool, request, files, keys, rpm_ignores_epoch)
     if tool == "dnf":
         _write_dnf_config(session, request, repo_dirs)
@@ -580,7 +581,7 @@ def install_in_session(session: guestfs_io.TreeSession, request: PackageRequest,
     if missing:
         raise UserError(f"{session.step}: {missing[1]} is not installed, so it cannot be "
                         "removed", hint="fix the name under remove:")
-    after = _rpm_query(session)
+    after = session.rpm_listing().packages
     return _summary(tool, before, after, repo_set, rpm_version)
 
 
@@ -678,32 +679,28 @@ def _script(tool: str, request: PackageRequest, files: list[str], keys: list[str
             lines.append(f"{pm}rpm -e -v -- " + " ".join(q(n) for n in request.remove))
     return "\n".join(lines) + "\n"
 
-
-_QUERY_FORMAT = "%{NAME}\\t%{EPOCHNUM}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}\\n"
-
-
-def _rpm_query(session: guestfs_io.TreeSession) -> list[tuple[str, int, str, str, str]]:
-    out = session.command(["rpm", "-qa", "--qf", _QUERY_FORMAT])
-    rows = []
-    for line in out.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 5:
-            rows.append((parts[0], int(parts[1]), parts[2], parts[3], parts[4]))
-    return rows
+def _rpm_version(session: guestfs_io.TreeSession, installed: list[Nevra]) -> str:
+    """The version of the rpm that runs the transaction: the rootfs's rpm
+    package's, or `rpm --version`'s where rpm is not a package (one more rpm
+    run, seconds under emulation)."""
+    versions = {version for name, _epoch, version, _release, _arch in installed
+                if name == "rpm"}
+    if len(versions) == 1:
+        return versions.pop()
+    return session.command(["rpm", "--version"]).strip().rsplit(" ", 1)[-1]
 
 
-def _nevra(n: tuple[str, int, str, str, str]) -> str:
+def _nevra(n: Nevra) -> str:
     name, epoch, version, release, arch = n
     return f"{name}-{epoch}:{version}-{release}.{arch}" if epoch else \
         f"{name}-{version}-{release}.{arch}"
 
 
-def _summary(tool: str, before: list[tuple[str, int, str, str, str]],
-             after: list[tuple[str, int, str, str, str]], repo_set: RepoSet,
+def _summary(tool: str, before: list[Nevra], after: list[Nevra], repo_set: RepoSet,
              rpm_version: str) -> PackageSummary:
     new = sorted(set(after) - set(before))
     gone = sorted(set(before) - set(after))
-    sources: dict[tuple[str, int, str, str, str], set[str | None]] = {}
+    sources: dict[Nevra, set[str | None]] = {}
     for f in repo_set.rpm_files:
         sources.setdefault(f.nevra, set()).add(f.sha256)
     for repo in repo_set.repos:

@@ -20,7 +20,7 @@ from packages_helpers import (
 )
 from rpm_helpers import build_rpm
 
-from builder import emulation, packages, rpmheader
+from builder import emulation, guestfs_io, packages, rpmheader
 from builder.errors import UserError
 from builder.packages import PackageRequest
 
@@ -232,6 +232,33 @@ def test_emulator_registration_uses_debians_binfmt_description() -> None:
         pytest.skip("qemu-user-static not installed")
     line = emu.registration("x", "/run/rb/emu/qemu-aarch64-static")
     assert line.startswith(":x:M:0:\\x7f\\x45\\x4c\\x46") and line.endswith(":F")
+
+
+# -- what the rootfs's rpm is asked -------------------------------------------------------
+
+def test_one_rpm_run_gives_the_database_directory_packages_and_stamps(
+        rpms: dict[str, Path], tmp_path: Path) -> None:
+    """A package step asks the rootfs's rpm once for what three runs used to
+    give (each run costs seconds under emulation): rpm prints -E's expansion
+    while it reads its options, then the query's lines."""
+    root = tmp_path / "root"
+    root.mkdir()
+    db = ["--root", str(root), "--define", "_dbpath /var/lib/rpm-here"]
+    subprocess.run(["rpm", *db, "-i", "--justdb", "--nodeps", str(rpms["rb-lib"]),
+                    str(rpms["rb-weak"])], check=True, capture_output=True,
+                   env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)})
+    argv = guestfs_io.RPM_LISTING_ARGV
+    out = subprocess.run([argv[0], *db, *argv[1:]], check=True, capture_output=True,
+                         text=True).stdout
+    listing = guestfs_io.RpmListing.parse(out)
+    assert listing.dbdir == "var/lib/rpm-here"
+    assert sorted(listing.packages) == [("rb-lib", 0, "1.0", "1", "noarch"),
+                                        ("rb-weak", 0, "1.0", "1", "noarch")]
+    # rpm 4.18: the transaction id is SOURCE_DATE_EPOCH, the n-th package's
+    # install time SOURCE_DATE_EPOCH + n
+    assert len(listing.stamps) == 4 and min(listing.stamps) == EPOCH
+    assert max(listing.stamps) <= EPOCH + 2
+    assert guestfs_io.RpmListing.parse("\n").dbdir is None
 
 
 # -- the older-rpm path's database rewrite ------------------------------------------------
