@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,21 @@ def run_cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | No
         capture_output=True, text=True, timeout=timeout,
         preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def hv_dir() -> Iterator[Path]:
+    """A directory for a stand-in hypervisor (LIBGUESTFS_HV) at a short path
+    of fixed length, /tmp/rb-hv-XXXXXXXX, not in tmp_path.  libguestfs 1.48
+    corrupts its heap ("corrupted size vs. prev_size" in a realloc from 272
+    to 512 bytes) while a launch first probes a hypervisor whose path is 90
+    characters long: under pytest-xdist tmp_path made the stand-in's path
+    exactly that long (/tmp/pytest-of-root/pytest-N/popen-gwK/...), and every
+    launch with it aborted.  In trials here, 90 characters aborted 12 times
+    of 12, lengths from 33 to 101 otherwise never."""
+    path = Path(tempfile.mkdtemp(prefix="rb-hv-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
 
 
 def write_recipe(path: Path, text: str) -> Path:

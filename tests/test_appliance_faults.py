@@ -166,7 +166,8 @@ def test_without_dev_kvm_access_the_build_runs_on_tcg(demo_build: Build,
     assert " /dev/kvm " not in Path("/proc/self/mountinfo").read_text()
 
 
-def test_a_launch_that_hangs_is_started_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """A boot that hangs (likely what stopped a CI run: a build of a blank
     image silent for 300 s after its fall back to TCG) is stopped after
@@ -177,7 +178,7 @@ def test_a_launch_that_hangs_is_started_again(tmp_path: Path, monkeypatch: pytes
 
     real = guestfs_io._guestfs_module().GuestFS().get_hv()
     hangs = tmp_path / "hung.pid"
-    hv = tmp_path / "qemu-hangs-once"   # our kill finds qemu by its name
+    hv = hv_dir / "qemu-hangs-once"   # our kill finds qemu by its name
     hv.write_text(f"#!{sys.executable}\n"
                   "import os, sys, time\n"
                   f"if '-kernel' in sys.argv and not os.path.exists({str(hangs)!r}):\n"

@@ -124,7 +124,7 @@ def test_sigterm_while_a_message_is_written(first: bool) -> None:
 
 
 @pytest.mark.appliance   # launches (a qemu that never boots): ~25 s
-def test_sigterm_while_a_call_starts(tmp_path: Path) -> None:
+def test_sigterm_while_a_call_starts(tmp_path: Path, hv_dir: Path) -> None:
     """Starting a libguestfs call on its worker thread, up to the loop that
     waits for it: wherever the interrupt lands, the call is stopped before
     the process goes on (CI of stop 20: a launch left running after the
@@ -132,7 +132,7 @@ def test_sigterm_while_a_call_starts(tmp_path: Path) -> None:
     call is a launch whose qemu never connects (the probes are real qemu)."""
     import guestfs
 
-    hv = tmp_path / "qemu-system-x86_64"   # qemu by name: found and killed as qemu
+    hv = hv_dir / "qemu-system-x86_64"   # qemu by name: found and killed as qemu
     hv.write_text("#!/bin/sh\n"
                   'case " $* " in *" -kernel "*) while :; do sleep 0.2; done;; esac\n'
                   f'exec {guestfs.GuestFS().get_hv()} "$@"\n')
