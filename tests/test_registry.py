@@ -167,6 +167,49 @@ def test_plain_http_only_with_insecure_and_only_on_this_machine(tmp_path: Path) 
         assert tree_files(tmp_path / "pulled") == tree_files(src.parent)
 
 
+def test_two_clients_pushing_the_same_manifests_at_once_both_store_them(
+        tmp_path: Path) -> None:
+    """Two builds pushing the same cache entries at once (test_oci_e2e, in
+    the suite's first run on two workers): the registry refused a manifest
+    with DIGEST_INVALID and MANIFEST_BLOB_UNKNOWN while the other client's
+    push of the same blob rewrote its link.  Here 2-4 of the 400 PUTs were
+    refused so before the client retried them; every one must be stored."""
+    import threading
+
+    rounds = 200
+    with LocalRegistry(tmp_path / "reg", tls=False) as reg:
+        ref = Reference.parse(f"{reg.host}/cache/race")
+        barrier = threading.Barrier(2)
+        failures: list[str] = []
+
+        def push_all() -> None:
+            client = Client(ref, Options(insecure=True))
+            for i in range(rounds):
+                data = i.to_bytes(4, "big") * 256
+                config = oci.canonical_json({"round": i})
+                barrier.wait(timeout=60)
+                try:
+                    digest, size = client.push_blob_stream(ref, iter([data]))
+                    manifest = oci.canonical_json({
+                        "schemaVersion": 2, "mediaType": oci.MEDIA_MANIFEST,
+                        "config": oci.Descriptor("application/vnd.rb.test+json",
+                                                 client.push_blob_bytes(ref, config),
+                                                 len(config)).to_json(),
+                        "layers": [oci.Descriptor("application/octet-stream", digest,
+                                                  size).to_json()]})
+                    client.put_manifest(ref, manifest, oci.MEDIA_MANIFEST, f"round-{i}")
+                except UserError as e:
+                    failures.append(f"round {i}: {e}")
+
+        threads = [threading.Thread(target=push_all) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not failures, failures[:3]
+        assert len(reg.tags("cache/race")) == rounds
+
+
 def test_tampered_blob_on_pull_is_refused(registry, tmp_path: Path) -> None:
     src = make_output(tmp_path / "out", seed="tamper")
     env = no_ambient_creds(tmp_path)
