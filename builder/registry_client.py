@@ -34,6 +34,7 @@ import os
 import re
 import signal
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,24 @@ from .registry import (
     auth_files,
     find_credentials,
 )
+
+# CNCF distribution rewrites a repository's link to a blob in place, so while
+# another client pushes the same blob, a manifest naming it can be refused
+# with these codes although both uploads succeeded: two processes pushing the
+# same 200 manifests at once had 2-4 of the 400 PUTs refused so, none on a
+# second try.  Such a refusal is retried after each of these pauses (s).
+_MANIFEST_RACE_CODES = frozenset({"MANIFEST_BLOB_UNKNOWN", "DIGEST_INVALID"})
+MANIFEST_RETRY_PAUSES = (0.2, 1.0, 3.0)
+
+
+def _error_codes(r: requests.Response) -> list[tuple[str, str]]:
+    """(code, message) of each error in a registry's JSON error answer."""
+    try:
+        errors = r.json().get("errors") or []
+        return [(str(e.get("code", "")), str(e.get("message", ""))) for e in errors
+                if isinstance(e, dict)]
+    except (ValueError, AttributeError):
+        return []
 
 
 def _reason(exc: BaseException) -> str:
@@ -267,13 +286,7 @@ class Client(oras.provider.Registry):
             raise NotFound(f"{what}: not found")
         if r.status_code == 403:
             raise self._refused(403)
-        message = ""
-        try:
-            errors = r.json().get("errors") or []
-            message = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}"
-                                for e in errors if isinstance(e, dict))
-        except (ValueError, AttributeError):
-            pass
+        message = "; ".join(f"{code}: {text}" for code, text in _error_codes(r))
         message = " ".join(message.split())[:200]
         raise RegistryError(f"{what}: the registry answered HTTP {r.status_code}"
                             + (f" ({message})" if message else ""))
@@ -363,10 +376,19 @@ class Client(oras.provider.Registry):
         return self.do_request(url, "PUT", data=manifest, headers={"Content-Type": media_type})
 
     def put_manifest(self, ref: Reference, data: bytes, media_type: str, reference: str) -> str:
-        """Store a manifest under a tag or its digest; returns its digest."""
+        """Store a manifest under a tag or its digest; returns its digest.  A
+        refusal that a concurrent push of the same blobs explains
+        (_MANIFEST_RACE_CODES) is retried."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        r = self._check(self.upload_manifest(data, self.container(ref), media_type, reference),
-                        f"{ref.repo}:{reference}: storing the manifest")
+        container = self.container(ref)
+        r = self.upload_manifest(data, container, media_type, reference)
+        for pause in MANIFEST_RETRY_PAUSES:
+            if r.status_code != 400 or not {code for code, _ in _error_codes(r)} \
+                    & _MANIFEST_RACE_CODES:
+                break
+            time.sleep(pause)
+            r = self.upload_manifest(data, container, media_type, reference)
+        r = self._check(r, f"{ref.repo}:{reference}: storing the manifest")
         stored = r.headers.get("Docker-Content-Digest")
         if stored and stored != digest:
             raise RegistryError(f"{ref.repo}: the registry stored the manifest as {stored}, "
