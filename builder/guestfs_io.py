@@ -199,6 +199,7 @@ class RpmListing:
             stamps += [int(t) for t in (installtime, tid) if t.isdigit()]
         return cls(dbpath.strip().strip("/") or None, packages, stamps)
 
+
 class ApplianceError(UserError):
     """The appliance could not do what was asked."""
 

@@ -679,6 +679,7 @@ def _script(tool: str, request: PackageRequest, files: list[str], keys: list[str
             lines.append(f"{pm}rpm -e -v -- " + " ".join(q(n) for n in request.remove))
     return "\n".join(lines) + "\n"
 
+
 def _rpm_version(session: guestfs_io.TreeSession, installed: list[Nevra]) -> str:
     """The version of the rpm that runs the transaction: the rootfs's rpm
     package's, or `rpm --version`'s where rpm is not a package (one more rpm
