@@ -52,8 +52,8 @@ def hv_dir() -> Iterator[Path]:
     to 512 bytes) while a launch first probes a hypervisor whose path is 90
     characters long: under pytest-xdist tmp_path made the stand-in's path
     exactly that long (/tmp/pytest-of-root/pytest-N/popen-gwK/...), and every
-    launch with it aborted.  In trials here, 90 characters aborted 12 times
-    of 12, lengths from 33 to 101 otherwise never."""
+    launch with it aborted.  In trials here, 90 characters aborted every
+    time; the other lengths tried, from 33 to 101, never did."""
     path = Path(tempfile.mkdtemp(prefix="rb-hv-", dir="/tmp"))
     yield path
     shutil.rmtree(path)
