@@ -666,6 +666,8 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
         ahead.close()
         writer.abort()
         raise
+    finally:
+        tarfmt.drop_caches()
     heap.give_back()
     if stats is not None:
         stats.update(

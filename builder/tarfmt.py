@@ -130,9 +130,8 @@ def _octal(value: int, width: int) -> bytes:
 
 @functools.lru_cache(maxsize=64)
 def _pax_record(key: bytes, value: bytes) -> bytes:
-    """One pax record (cached: a tree repeats the same few SELinux labels; a
-    small cache, since long-lived entries made during a whole extraction
-    keep the memory around them from going back to the system)."""
+    """One pax record (cached: a tree repeats the same few SELinux labels;
+    see drop_caches)."""
     payload = b" " + key + b"=" + value + b"\n"
     n = len(payload) + 1
     while len(b"%d" % n) + len(payload) != n:
@@ -327,6 +326,19 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
         out[key] = value
         pos += length
     return out
+
+
+def drop_caches() -> None:
+    """Empty the header caches once a whole stream is parsed or written.
+
+    They are small, but their entries come and go all through a stream, so
+    the ones left at its end sit among the stream's short-lived per-member
+    objects, and each keeps the pymalloc arena (1 MiB) around it from
+    going back to the system (heap.give_back).  With the collection in
+    heap.give_back, the 1 GB bench base's cold build holds 15 arenas when
+    its assembly starts instead of 21: as many as the 0.25 GB base."""
+    for cached in (_pax_record, _pax_header_block, _parse_pax):
+        cached.cache_clear()
 
 
 def _truncated() -> TarFormatError:
