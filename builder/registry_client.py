@@ -332,16 +332,21 @@ class Client(oras.provider.Registry):
         return location
 
     def push_blob_bytes(self, ref: Reference, data: bytes) -> str:
+        """Upload `data` unless the repository has it; returns its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        container = self.container(ref)
-        if not self.blob_exists({"digest": digest}, container):
-            url = oras.utils.append_url_params(self._start_upload(container),
-                                               {"digest": digest})
-            self._check(self.do_request(url, "PUT", data=data, headers={
-                "Content-Type": "application/octet-stream"}),
-                f"{ref.repo}: upload of blob {digest}")
-            self.bytes_up += len(data)
+        if not self.blob_exists({"digest": digest}, self.container(ref)):
+            self.upload_blob_bytes(ref, digest, data)
         return digest
+
+    def upload_blob_bytes(self, ref: Reference, digest: str, data: bytes) -> None:
+        """Upload `data` as blob `digest`, whether or not the repository has
+        it (the registry checks the bytes against the digest)."""
+        url = oras.utils.append_url_params(self._start_upload(self.container(ref)),
+                                           {"digest": digest})
+        self._check(self.do_request(url, "PUT", data=data, headers={
+            "Content-Type": "application/octet-stream"}),
+            f"{ref.repo}: upload of blob {digest}")
+        self.bytes_up += len(data)
 
     def push_blob_stream(self, ref: Reference, chunks: Iterable[bytes]) -> tuple[str, int]:
         """Upload data whose digest is known only at its end: POST, one

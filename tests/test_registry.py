@@ -167,6 +167,49 @@ def test_plain_http_only_with_insecure_and_only_on_this_machine(tmp_path: Path) 
         assert tree_files(tmp_path / "pulled") == tree_files(src.parent)
 
 
+
+def test_a_blob_asked_for_while_another_client_uploads_it_again_is_found(
+        tmp_path: Path) -> None:
+    """The same race on the read side (the suite on two workers, once in
+    about 18 minutes): CNCF distribution answered a HEAD of a blob with
+    HTTP 500 while the other client's upload of that blob rewrote its link,
+    and the build lost its remote cache.  One client uploads the same blob
+    over and over while the other asks for it (HEAD, then GET): ~100 of
+    3,200 HEADs in 10 s were refused so before the client asked again;
+    every answer here must be the blob."""
+    import threading
+
+    with LocalRegistry(tmp_path / "reg", tls=False) as reg:
+        ref = Reference.parse(f"{reg.host}/cache/race")
+        data = b"the same config" * 64
+        uploader, reader = Client(ref, Options(insecure=True)), Client(ref, Options(insecure=True))
+        digest = uploader.push_blob_bytes(ref, data)
+        stop = time.monotonic() + 6
+        failures: list[str] = []
+        asked = 0
+
+        def upload_again() -> None:
+            while time.monotonic() < stop:
+                uploader.upload_blob_bytes(ref, digest, data)
+
+        thread = threading.Thread(target=upload_again)
+        thread.start()
+        try:
+            container = reader.container(ref)
+            while time.monotonic() < stop:
+                asked += 1
+                try:
+                    if not reader.blob_exists({"digest": digest}, container):
+                        failures.append("HEAD: absent")
+                    if asked % 8 == 0 and reader.fetch_blob_bytes(ref, digest, len(data)) != data:
+                        failures.append("GET: other bytes")
+                except UserError as e:
+                    failures.append(str(e))
+        finally:
+            thread.join(timeout=60)
+        assert asked > 100, asked
+        assert not failures, f"{len(failures)} of {asked}: {failures[:2]}"
+
 def test_two_clients_pushing_the_same_manifests_at_once_both_store_them(
         tmp_path: Path) -> None:
     """Two builds pushing the same cache entries at once (test_oci_e2e, in
