@@ -63,11 +63,19 @@ from .registry import (
 
 # CNCF distribution rewrites a repository's link to a blob in place, so while
 # another client pushes the same blob, a manifest naming it can be refused
-# with these codes although both uploads succeeded: two processes pushing the
+# with these codes although both uploads succeeded (two processes pushing the
 # same 200 manifests at once had 2-4 of the 400 PUTs refused so, none on a
-# second try.  Such a refusal is retried after each of these pauses (s).
+# second try), and a HEAD or GET of the blob can fail with HTTP 500 (~80 of
+# 1,800 HEADs while the blob was uploaded again and again).  Such a refusal
+# or failure is retried after each of these pauses (s).
 _MANIFEST_RACE_CODES = frozenset({"MANIFEST_BLOB_UNKNOWN", "DIGEST_INVALID"})
-MANIFEST_RETRY_PAUSES = (0.2, 1.0, 3.0)
+RACE_RETRY_PAUSES = (0.2, 1.0, 3.0)
+_BLOB_PATH = re.compile(r"/blobs/[a-z0-9]+:[0-9a-f]+$")
+
+
+def _reads_a_blob(method: str, url: str) -> bool:
+    """A HEAD or GET of a blob by digest (not an upload session)."""
+    return method in ("HEAD", "GET") and bool(_BLOB_PATH.search(url.split("?", 1)[0]))
 
 
 def _error_codes(r: requests.Response) -> list[tuple[str, str]]:
@@ -175,9 +183,28 @@ class Client(oras.provider.Registry):
                    headers: dict | None = None, json: dict | None = None,
                    stream: bool = False) -> requests.Response:
         """One request with timeouts and negotiated authentication (see the
-        module docstring for why oras's version is replaced)."""
+        module docstring for why oras's version is replaced); a read of a
+        blob that fails with a server error is sent again after each of
+        RACE_RETRY_PAUSES."""
         del json  # every body here is bytes or a stream
         headers = dict(headers or {})
+        pauses = iter(RACE_RETRY_PAUSES if _reads_a_blob(method, url) else ())
+        while True:
+            response = self._authorized(method, url, data, headers, stream)
+            if response.status_code < 500 or (pause := next(pauses, None)) is None:
+                break
+            response.close()
+            time.sleep(pause)
+        if response.status_code >= 500:
+            response.close()
+            raise RegistryUnavailable(f"{self.ref.host}: server error (HTTP "
+                                      f"{response.status_code}) on {method} "
+                                      f"{_shown_path(url)}")
+        return response
+
+    def _authorized(self, method: str, url: str, data: Any, headers: dict,
+                    stream: bool) -> requests.Response:
+        """The request, answering the registry's authentication challenges."""
         rewindable = data is None or isinstance(data, bytes)
         for attempt in range(3):
             if self._authorization:
@@ -194,11 +221,6 @@ class Client(oras.provider.Registry):
                                     "of an upload", hint="push again")
         if response.status_code == 401:
             raise self._refused(response.status_code)
-        if response.status_code >= 500:
-            response.close()
-            raise RegistryUnavailable(f"{self.ref.host}: server error (HTTP "
-                                      f"{response.status_code}) on {method} "
-                                      f"{_shown_path(url)}")
         return response
 
     def _send(self, method: str, url: str, data: Any, headers: dict,
@@ -387,7 +409,7 @@ class Client(oras.provider.Registry):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         container = self.container(ref)
         r = self.upload_manifest(data, container, media_type, reference)
-        for pause in MANIFEST_RETRY_PAUSES:
+        for pause in RACE_RETRY_PAUSES:
             if r.status_code != 400 or not {code for code, _ in _error_codes(r)} \
                     & _MANIFEST_RACE_CODES:
                 break
