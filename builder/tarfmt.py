@@ -329,7 +329,8 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 
 def drop_caches() -> None:
-    """Empty the header caches once a whole stream is parsed or written.
+    """Empty the header caches once a whole stream is parsed
+    (build_layer_from_tar).
 
     They are small, but their entries come and go all through a stream, so
     the ones left at its end sit among the stream's short-lived per-member

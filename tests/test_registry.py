@@ -167,7 +167,6 @@ def test_plain_http_only_with_insecure_and_only_on_this_machine(tmp_path: Path) 
         assert tree_files(tmp_path / "pulled") == tree_files(src.parent)
 
 
-
 def test_a_blob_asked_for_while_another_client_uploads_it_again_is_found(
         tmp_path: Path) -> None:
     """The same race on the read side (the suite on two workers, once in
@@ -186,11 +185,16 @@ def test_a_blob_asked_for_while_another_client_uploads_it_again_is_found(
         digest = uploader.push_blob_bytes(ref, data)
         stop = time.monotonic() + 6
         failures: list[str] = []
-        asked = 0
+        asked = uploads = 0
 
         def upload_again() -> None:
+            nonlocal uploads
             while time.monotonic() < stop:
-                uploader.upload_blob_bytes(ref, digest, data)
+                try:
+                    uploader.upload_blob_bytes(ref, digest, data)
+                except UserError as e:
+                    failures.append(f"upload: {e}")
+                uploads += 1
 
         thread = threading.Thread(target=upload_again)
         thread.start()
@@ -207,8 +211,9 @@ def test_a_blob_asked_for_while_another_client_uploads_it_again_is_found(
                     failures.append(str(e))
         finally:
             thread.join(timeout=60)
-        assert asked > 100, asked
+        assert asked > 50 and uploads > 50, (asked, uploads)
         assert not failures, f"{len(failures)} of {asked}: {failures[:2]}"
+
 
 def test_two_clients_pushing_the_same_manifests_at_once_both_store_them(
         tmp_path: Path) -> None:
