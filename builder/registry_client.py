@@ -78,6 +78,21 @@ def _reads_a_blob(method: str, url: str) -> bool:
     return method in ("HEAD", "GET") and bool(_BLOB_PATH.search(url.split("?", 1)[0]))
 
 
+def _retried_through_races(send: Callable[[], requests.Response],
+                           raced: Callable[[requests.Response], bool]) -> requests.Response:
+    """send()'s answer, sent again after each of RACE_RETRY_PAUSES while
+    `raced` says the answer is what a concurrent push of the same blob
+    explains; the last answer whatever it is."""
+    response = send()
+    for pause in RACE_RETRY_PAUSES:
+        if not raced(response):
+            break
+        response.close()
+        time.sleep(pause)
+        response = send()
+    return response
+
+
 def _error_codes(r: requests.Response) -> list[tuple[str, str]]:
     """(code, message) of each error in a registry's JSON error answer."""
     try:
@@ -188,13 +203,10 @@ class Client(oras.provider.Registry):
         RACE_RETRY_PAUSES."""
         del json  # every body here is bytes or a stream
         headers = dict(headers or {})
-        pauses = iter(RACE_RETRY_PAUSES if _reads_a_blob(method, url) else ())
-        while True:
-            response = self._authorized(method, url, data, headers, stream)
-            if response.status_code < 500 or (pause := next(pauses, None)) is None:
-                break
-            response.close()
-            time.sleep(pause)
+        reads_a_blob = _reads_a_blob(method, url)
+        response = _retried_through_races(
+            lambda: self._authorized(method, url, data, headers, stream),
+            lambda r: reads_a_blob and r.status_code >= 500)
         if response.status_code >= 500:
             response.close()
             raise RegistryUnavailable(f"{self.ref.host}: server error (HTTP "
@@ -408,13 +420,10 @@ class Client(oras.provider.Registry):
         (_MANIFEST_RACE_CODES) is retried."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         container = self.container(ref)
-        r = self.upload_manifest(data, container, media_type, reference)
-        for pause in RACE_RETRY_PAUSES:
-            if r.status_code != 400 or not {code for code, _ in _error_codes(r)} \
-                    & _MANIFEST_RACE_CODES:
-                break
-            time.sleep(pause)
-            r = self.upload_manifest(data, container, media_type, reference)
+        r = _retried_through_races(
+            lambda: self.upload_manifest(data, container, media_type, reference),
+            lambda r: r.status_code == 400
+            and bool({code for code, _ in _error_codes(r)} & _MANIFEST_RACE_CODES))
         r = self._check(r, f"{ref.repo}:{reference}: storing the manifest")
         stored = r.headers.get("Docker-Content-Digest")
         if stored and stored != digest:
