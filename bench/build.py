@@ -342,6 +342,34 @@ def wait_until_quiet(limit: float) -> None:
             said = True
 
 
+# A fixed amount of single-threaded Python work (~1.4 s on the dev VM).
+_SPIN = "x = 0\nfor i in range(20_000_000):\n    x += i\n"
+
+
+def core_sharing(rounds: int = 3) -> tuple[float, float]:
+    """Median seconds the same CPU-bound Python loop takes alone, and in each
+    of two copies run at once (`rounds` of each, alternating).  Two cores
+    that share a physical core (SMT) or a busy host slow each other down:
+    the CPU seconds a step measures with both cores busy are then inflated
+    by that much, and two busy threads do less than two cores' work."""
+    def timed(n: int) -> list[float]:
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
+        walls = []
+        for p in procs:
+            p.wait()
+            walls.append(time.monotonic() - t0)
+        return walls
+
+    alone: list[float] = []
+    together: list[float] = []
+    for _ in range(rounds):
+        wait_until_quiet(QUIET_WAIT)
+        alone += timed(1)
+        together += timed(2)
+    return sorted(alone)[len(alone) // 2], sorted(together)[len(together) // 2]
+
+
 def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | None = None,
         rusage_file: Path | None = None, shown: str | None = None,
         timeline: list[str] | None = None, quiet: bool = True) -> Run:
@@ -634,6 +662,7 @@ def main() -> int:
     sizes: dict[str, int] = {"stream tar": stream.stat().st_size}
     hashes: dict[str, str] = {}
     load: list[str] = []
+    machine: dict[str, float] = {}   # core_sharing(): seconds alone, and each of two at once
     try:
         overlay = rundir / "overlay"
         (overlay / "etc" / "bench").mkdir(parents=True)
@@ -656,6 +685,8 @@ def main() -> int:
         floor_dir.mkdir()
         changes = 0
         load.append(f"before: {uptime()}")
+        log("C: the same CPU-bound loop alone and twice at once (how independent the cores are)")
+        machine["alone"], machine["together"] = core_sharing()
         for rep in range(args.repeat):
             tag = f" ({rep + 1}/{args.repeat})" if args.repeat > 1 else ""
             if not args.skip_virt_tar_out:
@@ -780,7 +811,7 @@ def main() -> int:
             shutil.rmtree(rundir, ignore_errors=True)
 
     report(args, info, small[1] if small else None, results, sizes, hashes, profiles, load,
-           workdir)
+           machine, workdir)
     return 0
 
 
@@ -886,7 +917,8 @@ def phase_rows(r: Run, label: str) -> list[str]:
 
 def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str, Any] | None,
            results: dict[str, list[Run]], sizes: dict[str, int], hashes: dict[str, str],
-           profiles: dict[str, list[str]], load: list[str], workdir: Path) -> None:
+           profiles: dict[str, list[str]], load: list[str], machine: dict[str, float],
+           workdir: Path) -> None:
     med = {k: median(v) for k, v in results.items()}
     rows: list[tuple[str, float, str, str, str]] = []
     verdicts = []
@@ -951,6 +983,17 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
                f"{ts.get('read', 0) - fs.get('read', 0):+.1f} s over the in-guest read")
     out += phase_rows(med["cold"], "cold build")
     out += phase_rows(med["H"], "host side only (H)")
+    hp = timeline_events(med["H"]).get("profile")
+    if hp:
+        # The rootfs tar is sorted, so its compression starts only once the
+        # whole stream is in; the stream ends no sooner than its one parsing
+        # thread (Python, serial) is through.
+        hf = hp["parse_cpu"] + floor
+        out.append(f"    H's own floor: the parsing thread's CPU {hp['parse_cpu']:.1f} s + Z "
+                   f"{floor:.1f} s (the sorted rootfs tar is compressed once the whole stream "
+                   f"is in) = {hf:.1f} s = {hf / zb:.2f}x ZB; {TARGETS['host']}x ZB leaves "
+                   f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the hash+write "
+                   "thread's share of the cores, index, assembly, publishing)")
     out.append("")
     out.append(f"{'peak RSS, rootfs-build Python process':<{width}}  {'MB':>8}  "
                f"{'entries':<18}  {'target':<12}  result")
@@ -1006,6 +1049,12 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
     out.append("CPU seconds (user+sys) during each step; 'others' is what the rest of the")
     out.append("machine used meanwhile, in average busy cores (2 cores here): above ~0.1 the")
     out.append("step competed for CPU and its time is inflated.")
+    if machine:
+        slower = machine["together"] / machine["alone"]
+        out.append(f"  C: one CPU-bound Python loop alone {machine['alone']:.2f} s, each of two "
+                   f"at once {machine['together']:.2f} s (medians of 3): side by side each "
+                   f"takes {slower:.2f}x its time alone, so two busy threads do the work of "
+                   f"{2 / slower:.2f} cores here")
     noisy = []
     for key, label in (("A", "A"), ("F", "F"), ("T", "T"), ("cold", "cold"), ("H", "H"),
                        ("ZB", "ZB"), ("warm", "warm"), ("warm2", "warm'"), ("zstd", "Z"),
