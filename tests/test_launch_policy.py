@@ -1,6 +1,7 @@
-"""The CPU a TCG appliance gets: libguestfs' "max" without the flags whose
-memory copies TCG emulates slowly (guestfs_io._TCG_CPU_FLAGS_OFF), and
-everything else of max kept."""
+"""How the tool starts and stops its appliances: the CPU a TCG appliance
+gets (libguestfs' "max" without the flags whose memory copies TCG
+emulates slowly, guestfs_io._TCG_CPU_FLAGS_OFF, and everything else of max
+kept), and which appliances sync their filesystems before they stop."""
 
 from __future__ import annotations
 
