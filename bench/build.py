@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -367,7 +368,7 @@ def core_sharing(rounds: int = 3) -> tuple[float, float]:
         wait_until_quiet(QUIET_WAIT)
         alone += timed(1)
         together += timed(2)
-    return sorted(alone)[len(alone) // 2], sorted(together)[len(together) // 2]
+    return statistics.median(alone), statistics.median(together)
 
 
 def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | None = None,

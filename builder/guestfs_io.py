@@ -397,7 +397,6 @@ class Appliance:
         self.smp = smp
         self.timeout = timeout or DEFAULT_TIMEOUT
         self._drives: list[tuple[str, dict[str, Any]]] = []
-        self._keeps_writes = False   # a drive was added writable: its writes outlive us
         self.g: Any = None
         self._progress = time.monotonic()
         self._killed_for: str | None = None
@@ -413,7 +412,12 @@ class Appliance:
         if label:
             opts["label"] = label
         self._drives.append((str(path), opts))
-        self._keeps_writes |= not readonly
+
+    @property
+    def _keeps_writes(self) -> bool:
+        """A drive was added writable: what the appliance writes there
+        outlives it (scratch disks have no "readonly" and go with it)."""
+        return any(not opts.get("readonly", True) for _, opts in self._drives)
 
     def add_scratch(self, size: int) -> None:
         """A temporary disk of `size` bytes (sparse; removed at close)."""
