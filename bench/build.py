@@ -910,7 +910,7 @@ def phase_rows(r: Run, label: str) -> list[str]:
     span = max(p["stream_last"] - p["stream_first"], 1e-9)
     out.append(f"    overlap: during the {span:.1f} s stream the host side used {host:.1f} s "
                f"of CPU (read {p['read_cpu']:.1f}, parse+normalize {p['parse_cpu']:.1f}, "
-               f"hash+write {p['write_cpu']:.1f}) on 3 threads and waited {p['waited']:.1f} s "
+               f"write+hash {p['write_cpu']:.1f}) on 4 threads and waited {p['waited']:.1f} s "
                f"for data; index {p['index_cpu']:.2f} s CPU after it; compression drained "
                f"{ev.get('drain', 0.0):.1f} s after the last byte assembled")
     return out
@@ -993,8 +993,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
         out.append(f"    H's own floor: the parsing thread's CPU {hp['parse_cpu']:.1f} s + Z "
                    f"{floor:.1f} s (the sorted rootfs tar is compressed once the whole stream "
                    f"is in) = {hf:.1f} s = {hf / zb:.2f}x ZB; {TARGETS['host']}x ZB leaves "
-                   f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the hash+write "
-                   "thread's share of the cores, index, assembly, publishing)")
+                   f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the write and hash "
+                   "threads' share of the cores, index, assembly, publishing)")
     out.append("")
     out.append(f"{'peak RSS, rootfs-build Python process':<{width}}  {'MB':>8}  "
                f"{'entries':<18}  {'target':<12}  result")

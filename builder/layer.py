@@ -82,7 +82,7 @@ def _pad8(n: int) -> int:
 class LayerWriter:
     """Build one layer in `directory` (which must exist and be empty).
 
-    Data is hashed and written on a worker thread (pipeline.BackgroundFile);
+    Data is written and hashed on worker threads (pipeline.BackgroundFile);
     the entries are kept as columns keyed by their sort key, so a layer of
     N members costs ~190 bytes per member until finish() (measured by
     bench/build.py), not a Python object per field."""
@@ -237,6 +237,7 @@ class LayerWriter:
             out.write(chunk)
             pos += n
         out.write(tarfmt.padding(size))
+        out.release(mark)
         return len(header)
 
     def _rewrite_sparse(self, m: Member, mark: Any, data_start: int,
@@ -630,9 +631,9 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
                          stats: dict[str, float] | None = None) -> dict:
     """Normalize a whole tar stream into a layer in `directory`.
 
-    Three threads share the work: one reads the stream ahead (so a producer
+    Four threads share the work: one reads the stream ahead (so a producer
     such as the appliance never waits on a full pipe), this one parses and
-    normalizes, one hashes and writes layer.tar.  `stats`, when given,
+    normalizes, one writes layer.tar and one hashes it behind the writing.  `stats`, when given,
     receives where the time went (seconds: the stream's first and last
     block, CPU of each thread, time spent waiting for data).
 

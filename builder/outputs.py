@@ -7,8 +7,8 @@ and no content size in the frame header.
 
 Every sink works beside the assembling thread: a compressor is fed from a
 queue on a thread of its own (gzip and zstd release the GIL while they
-work, and zstd has its own workers besides), and every file is hashed and
-written on another (pipeline.BackgroundFile), which also starts the disk
+work, and zstd has its own workers besides), and every file is written
+and hashed on two more (pipeline.BackgroundFile), which also start the disk
 writing early, so publishing's fsync finds little left to do.
 """
 

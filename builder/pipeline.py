@@ -10,8 +10,10 @@ Invariants:
 - BackgroundFile: the file's bytes and `sha` are exactly the bytes given to
   write(), in order.  write() takes the buffer over: the caller must not
   change it afterwards (bytes, memoryviews of bytes, or a bytearray the
-  caller forgets).  An error on the worker (a full disk) is raised, as the
+  caller forgets).  An error on a worker (a full disk) is raised, as the
   same exception, by the next call on the caller's side.
+- Bytes are hashed from the file, behind the writing, and never past a live
+  mark: what a rollback cuts off was never hashed.
 - ReadAhead: read() returns the stream's bytes in order, at most `depth`
   blocks ahead of the reader, and b"" once at the end.
 """
@@ -31,9 +33,11 @@ from typing import Any, BinaryIO
 
 from .fileio import libc_function
 
-BATCH = 256 << 10             # small writes are gathered up to this before a hand-over
-DEPTH = 4                     # hand-overs in flight (each at most ~1 MiB: bounded memory)
+BATCH = 256 << 10             # writes are gathered up to this before a hand-over
+DEPTH = 4                     # hand-overs in flight (each ~BATCH plus one write: bounded memory)
 WRITEBACK_EVERY = 16 << 20    # start the disk writing every this many bytes
+HASH_EVERY = 8 << 20          # the hasher wakes when this much more is written
+HASH_PIECE = 4 << 20          # ... and reads it back in pieces of this size
 READ_BLOCK = 1 << 20
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -53,6 +57,30 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range = fn or False
     if _sync_file_range:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+Buffer = bytes | bytearray | memoryview
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _write_all(fd: int, buffers: list[Buffer], size: int) -> None:
+    """Write `buffers` (`size` bytes in all) at the file's position, in as
+    few system calls as the kernel takes: a hand-over of many small pieces
+    (a member's header, data, padding) costs one call, not one a piece,
+    and no copy into one buffer first."""
+    for i in range(0, len(buffers), _IOV_MAX):
+        group = buffers[i:i + _IOV_MAX]
+        want = size if len(group) == len(buffers) else sum(map(len, group))
+        n = os.writev(fd, group)
+        if n != want:        # a short write (rare): the rest piece by piece
+            for b in group:
+                view = memoryview(b)
+                if n >= len(view):
+                    n -= len(view)
+                    continue
+                view, n = view[n:], 0
+                while view:
+                    view = view[os.write(fd, view):]
 
 
 # Digests of files this process wrote whole, by path, with the stat they had
@@ -78,36 +106,59 @@ def written_digest(path: Path) -> str | None:
 
 
 class _Mark:
-    """A position in a BackgroundFile and the hash state there."""
+    """A position in a BackgroundFile to roll back to."""
 
     def __init__(self, size: int):
         self.size = size
-        self.sha: Any = None
 
 
 class BackgroundFile:
-    """A new file, written once, hashed and written on a worker thread.
+    """A new file, written once, hashed and written on worker threads.
 
     `size` counts what was handed over (so callers know offsets at once);
-    `sha` is complete after close().  mark()/rollback() take the file back
-    to an earlier point (the layer writer's sparse-file case)."""
+    `sha` is complete after close().  mark()/rollback()/release() take the
+    file back to an earlier point (the layer writer's sparse-file case).
+
+    Why the hash is taken from the file and not from the hand-overs: the
+    caller's thread runs Python nearly all the time, and a worker coming
+    back from C code (hashing, writing) waits for the GIL.  A worker that
+    hashed and wrote each ~256 KiB hand-over came back twice for each and
+    fell behind, filling the queue and stopping the caller (bench/
+    host_only.py on the bench's 1 GB stream: the parsing thread stood 1.4 s
+    of a 3.0 s stream in put()).  The writer now comes back once per
+    hand-over, its pieces written by one writev without being copied
+    together first; the hasher reads the written bytes back from the page
+    cache a few MiB at a time, so it waits for the GIL seldom, and a wait
+    only delays the hash, which nobody reads before close()."""
 
     def __init__(self, path: Path, *, name: str = "writer"):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.size = 0
         self.sha = hashlib.sha256()
-        self.busy = 0.0          # seconds of CPU the worker used (for -v)
-        self._batch = bytearray()
+        self.busy = 0.0          # seconds of CPU the writer and the hasher used (for -v)
+        self._batch: list[Buffer] = []   # the buffers given to write(), not copied
+        self._batch_bytes = 0
         self._queue: queue.Queue[Any] = queue.Queue(DEPTH)
         self._error: BaseException | None = None
-        self._written = 0        # bytes on the file (worker side)
+        self._written = 0        # bytes on the file (writer side)
         self._synced = 0         # bytes asked to be written back
         self._closed = False
+        # the hasher's state, under _progress
+        self._progress = threading.Condition()
+        self._hashed = 0         # bytes of the file in `sha`
+        self._hold: int | None = None   # a live mark's offset: nothing past it is hashed
+        self._told = 0           # _written when the hasher was last woken
+        self._to_end = False     # close(): hash to the end of the file, then stop
+        self._stop = False       # abort(): stop now
+        self._writer_cpu = self._hasher_cpu = 0.0
         self._thread = threading.Thread(target=self._work, name=f"rb-{name}", daemon=True)
+        self._hasher = threading.Thread(target=self._hash_work, name=f"rb-{name}-hash",
+                                        daemon=True)
         self._thread.start()
+        self._hasher.start()
 
-    # -- the worker ---------------------------------------------------------
+    # -- the workers --------------------------------------------------------
     def _work(self) -> None:
         cpu0 = time.thread_time()
         q = self._queue
@@ -118,23 +169,59 @@ class BackgroundFile:
                     return
                 if self._error is not None:
                     continue   # keep draining so the caller never blocks
-                if isinstance(item, _Mark):
-                    item.sha = self.sha.copy()
-                    continue
-                self.sha.update(item)
-                view = memoryview(item)
-                while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
-                self._written += len(item)
+                buffers, size = item
+                _write_all(self.fd, buffers, size)
+                self._written += size
                 if self._written - self._synced >= WRITEBACK_EVERY:
                     _start_writeback(self.fd, self._synced, self._written - self._synced)
                     self._synced = self._written
+                if self._written - self._told >= HASH_EVERY:
+                    self._wake_hasher()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self._error = e
             finally:
                 q.task_done()
-                self.busy = time.thread_time() - cpu0
+                self._writer_cpu = time.thread_time() - cpu0
+                self.busy = self._writer_cpu + self._hasher_cpu
+
+    def _wake_hasher(self) -> None:
+        with self._progress:
+            self._told = self._written
+            self._progress.notify()
+
+    def _hashable(self) -> int:
+        """How far the hasher may go now (called under _progress)."""
+        if self._to_end:
+            return self._written
+        return self._written if self._hold is None else min(self._written, self._hold)
+
+    def _hash_work(self) -> None:
+        cpu0 = time.thread_time()
+        piece = memoryview(bytearray(HASH_PIECE))
+        try:
+            while True:
+                with self._progress:
+                    while not self._stop and not (
+                            self._to_end or self._hashable() - self._hashed >= HASH_EVERY):
+                        self._progress.wait()
+                    if self._stop:
+                        return
+                    limit, last = self._hashable(), self._to_end
+                while self._hashed < limit and not self._stop:
+                    n = os.preadv(self.fd, [piece[:min(HASH_PIECE, limit - self._hashed)]],
+                                  self._hashed)
+                    if n <= 0:
+                        raise OSError(f"{self.path}: shorter than what was written to it")
+                    self.sha.update(piece[:n])
+                    self._hashed += n
+                    self._hasher_cpu = time.thread_time() - cpu0
+                if last:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            self._error = e
+        finally:
+            self._hasher_cpu = time.thread_time() - cpu0
+            self.busy = self._writer_cpu + self._hasher_cpu
 
     def _put(self, item: Any) -> None:
         if self._error is not None:
@@ -142,27 +229,22 @@ class BackgroundFile:
         self._queue.put(item)
 
     # -- the caller's side ------------------------------------------------
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: Buffer) -> int:
         n = len(data)
         if not n:
             return 0
         self.size += n
-        if n >= BATCH:
-            if self._batch:
-                self._put(self._batch)
-                self._batch = bytearray()
-            self._put(data)
-        else:
-            self._batch += data
-            if len(self._batch) >= BATCH:
-                self._put(self._batch)
-                self._batch = bytearray()
+        self._batch.append(data)
+        self._batch_bytes += n
+        if self._batch_bytes >= BATCH:
+            self.flush()
         return n
 
     def flush(self) -> None:
         if self._batch:
-            self._put(self._batch)
-            self._batch = bytearray()
+            self._put((self._batch, self._batch_bytes))
+            self._batch = []
+            self._batch_bytes = 0
 
     def _drain(self) -> None:
         self.flush()
@@ -171,16 +253,26 @@ class BackgroundFile:
             raise self._error
 
     def mark(self) -> _Mark:
-        """The current end of the file, to roll back to."""
-        self.flush()
+        """The current end of the file, to roll back to; until rollback() or
+        release(), nothing past it is hashed.  One mark at a time."""
+        assert self._hold is None, "a BackgroundFile holds one mark at a time"
         m = _Mark(self.size)
-        self._put(m)
+        with self._progress:
+            self._hold = m.size
         return m
 
+    def release(self, m: _Mark) -> None:
+        """The bytes after mark `m` stay: the hasher may go on."""
+        assert self._hold == m.size
+        with self._progress:
+            self._hold = None
+            self._progress.notify()
+
     def rollback(self, m: _Mark, spool: BinaryIO | None = None, keep_from: int = 0) -> None:
-        """Cut the file back to mark `m`; what was written from `keep_from`
-        (an offset after the mark) on goes to `spool` first, copied in the
-        kernel, never through Python."""
+        """Cut the file back to mark `m` (and release it); what was written
+        from `keep_from` (an offset after the mark) on goes to `spool`
+        first, copied in the kernel, never through Python."""
+        assert self._hold == m.size
         self._drain()
         if spool is not None:
             spool.flush()
@@ -193,18 +285,35 @@ class BackgroundFile:
                 offset += n
                 left -= n
             spool.seek(0, os.SEEK_END)
+        # The hasher stays below the mark (it may be reading there now), so
+        # the cut takes nothing it has hashed.
         os.ftruncate(self.fd, m.size)
         os.lseek(self.fd, m.size, os.SEEK_SET)
-        self.size = self._written = m.size
+        self.size = m.size
         self._synced = min(self._synced, m.size)
-        self.sha = m.sha
+        with self._progress:
+            self._written = self._told = m.size
+            self._hold = None
+            self._progress.notify()
+
+    def _stop_hasher(self, *, to_end: bool) -> None:
+        with self._progress:
+            if to_end:
+                self._to_end = True
+            else:
+                self._stop = True
+            self._progress.notify()
+        self._hasher.join()
 
     def close(self) -> None:
-        """Write what is left, fsync and close; `sha` is then complete."""
+        """Write what is left, hash it, fsync and close; `sha` is then complete."""
         if self._closed:
             return
         try:
             self._drain()
+            self._stop_hasher(to_end=True)
+            if self._error is not None:
+                raise self._error
         except BaseException:
             self.abort()
             raise
@@ -223,9 +332,11 @@ class BackgroundFile:
         if self._closed:
             return
         self._closed = True
-        self._batch = bytearray()
+        self._batch = []
         self._queue.put(None)
         self._thread.join()
+        if self._hasher.is_alive():
+            self._stop_hasher(to_end=False)
         os.close(self.fd)
 
 

@@ -18,9 +18,9 @@ import pytest
 import unit_helpers as h
 from unit_helpers import Spec
 
-from builder import tarfmt
+from builder import pipeline, tarfmt
 from builder.layer import Layer, build_layer_from_tar
-from builder.pipeline import BATCH, BackgroundFile, ReadAhead, written_digest
+from builder.pipeline import BATCH, HASH_EVERY, BackgroundFile, ReadAhead, written_digest
 
 
 def test_background_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
@@ -37,12 +37,48 @@ def test_background_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
     assert written_digest(tmp_path / "out") is None
 
 
-def test_background_file_rollback_copies_out_and_restores_the_hash(tmp_path: Path) -> None:
+def test_many_small_pieces_in_one_hand_over(tmp_path: Path) -> None:
+    """More pieces than one writev takes (IOV_MAX), all below BATCH: the
+    file still holds them in order."""
+    pieces = [bytes([i % 251]) * (1 + i % 3) for i in range(3 * pipeline._IOV_MAX + 5)]
+    assert sum(map(len, pieces)) < BATCH
+    f = BackgroundFile(tmp_path / "out")
+    for p in pieces:
+        f.write(p)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+
+
+def test_a_short_writev_is_finished_piece_by_piece(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may write less than asked (a signal, a nearly full disk):
+    the rest follows, from the middle of the piece where it stopped."""
+    real = os.writev
+
+    def short(fd: int, buffers: list) -> int:
+        whole = b"".join(bytes(b) for b in buffers)
+        return real(fd, [whole[:len(whole) // 2 + 1]])
+
+    monkeypatch.setattr(pipeline.os, "writev", short)
+    pieces = [os.urandom(n) for n in (3, 1000, 70000, 5, BATCH)]
+    f = BackgroundFile(tmp_path / "out")
+    for p in pieces:
+        f.write(p)
+    f.close()
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+    assert f.sha.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+@pytest.mark.parametrize("tail_size", [3 * BATCH, 3 * HASH_EVERY + 11])
+def test_background_file_rollback_copies_out_and_restores_the_hash(
+        tmp_path: Path, tail_size: int) -> None:
+    """Rolled back after more than the hasher takes at a time was written
+    past the mark: what the cut took was never hashed."""
     f = BackgroundFile(tmp_path / "out")
     f.write(b"head")
     mark = f.mark()
     f.write(b"HDR!")
-    tail = os.urandom(3 * BATCH)
+    tail = os.urandom(tail_size)
     f.write(tail)
     with open(tmp_path / "spool", "w+b") as spool:
         f.rollback(mark, spool=spool, keep_from=mark.size + 4)
@@ -52,6 +88,22 @@ def test_background_file_rollback_copies_out_and_restores_the_hash(tmp_path: Pat
     f.close()
     assert (tmp_path / "out").read_bytes() == b"headagain"
     assert f.sha.hexdigest() == hashlib.sha256(b"headagain").hexdigest()
+
+
+def test_a_released_mark_lets_the_hash_go_on(tmp_path: Path) -> None:
+    """The bytes after a released mark stay and are hashed, the ones
+    written before the mark too."""
+    head, body = os.urandom(2 * HASH_EVERY), os.urandom(3 * HASH_EVERY)
+    f = BackgroundFile(tmp_path / "out")
+    f.write(head)
+    mark = f.mark()
+    f.write(body)
+    f.release(mark)
+    mark = f.mark()          # a second mark, left live at close
+    f.write(b"end")
+    f.close()
+    assert f.sha.hexdigest() == hashlib.sha256(head + body + b"end").hexdigest()
+    assert written_digest(tmp_path / "out") == f.sha.hexdigest()
 
 
 def test_a_full_disk_surfaces_as_the_callers_error() -> None:
