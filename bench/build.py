@@ -1072,6 +1072,14 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
         if busy > 0.1:
             noisy.append(label)
         out.append(f"  {label:5} wall {r.seconds:6.1f}  {own:<38}  others {busy:4.2f} cores")
+    for key, label in (("cold", "cold"), ("H", "H"), ("warm", "warm")):
+        ru = med[key].rusage if key in med else {}
+        if "self_user" in ru:
+            # where a slow run's extra CPU went: the kernel (faults, the page
+            # cache) or Python; and how often its threads were switched out
+            out.append(f"  {label:5} python user {ru['self_user']:.1f} s, sys {ru['self_sys']:.1f} "
+                       f"s, {ru['self_minflt']} minor faults, context switches "
+                       f"{ru['self_nvcsw']} voluntary / {ru['self_nivcsw']} involuntary")
     if noisy:
         out.append(f"WARNING: other processes were busy during {', '.join(noisy)}: "
                    "rerun on a quiet machine (or with --repeat) before trusting the ratios")

@@ -49,6 +49,9 @@ def install() -> None:
         c = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(os.environ["ROOTFS_BENCH_RUSAGE"], "w") as f:
             json.dump({"self_maxrss_kb": s.ru_maxrss, "self_cpu": s.ru_utime + s.ru_stime,
+                       "self_user": s.ru_utime, "self_sys": s.ru_stime,
+                       "self_minflt": s.ru_minflt, "self_nvcsw": s.ru_nvcsw,
+                       "self_nivcsw": s.ru_nivcsw,
                        "children_maxrss_kb": c.ru_maxrss,
                        "children_cpu": c.ru_utime + c.ru_stime, **marks}, f)
 
