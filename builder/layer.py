@@ -633,9 +633,10 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
 
     Four threads share the work: one reads the stream ahead (so a producer
     such as the appliance never waits on a full pipe), this one parses and
-    normalizes, one writes layer.tar and one hashes it behind the writing.  `stats`, when given,
-    receives where the time went (seconds: the stream's first and last
-    block, CPU of each thread, time spent waiting for data).
+    normalizes, one writes layer.tar and one hashes it behind the writing.
+    `stats`, when given, receives where the time went (seconds: the
+    stream's first and last block, CPU of each thread, time spent waiting
+    for data).
 
     With `overlay_upper`, the stream is an overlayfs upper directory: a 0/0
     character device is a deletion, a directory marked opaque replaces the

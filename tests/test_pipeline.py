@@ -70,7 +70,7 @@ def test_a_short_writev_is_finished_piece_by_piece(tmp_path: Path,
 
 
 @pytest.mark.parametrize("tail_size", [3 * BATCH, 3 * HASH_EVERY + 11])
-def test_background_file_rollback_copies_out_and_restores_the_hash(
+def test_background_file_rollback_copies_out_and_leaves_the_cut_unhashed(
         tmp_path: Path, tail_size: int) -> None:
     """Rolled back after more than the hasher takes at a time was written
     past the mark: what the cut took was never hashed."""
