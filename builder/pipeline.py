@@ -137,7 +137,6 @@ class BackgroundFile:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.size = 0
         self.sha = hashlib.sha256()
-        self.busy = 0.0          # seconds of CPU the writer and the hasher used (for -v)
         self._batch: list[Buffer] = []   # the buffers given to write(), not copied
         self._batch_bytes = 0
         self._queue: queue.Queue[Any] = queue.Queue(DEPTH)
@@ -183,7 +182,6 @@ class BackgroundFile:
             finally:
                 q.task_done()
                 self._writer_cpu = time.thread_time() - cpu0
-                self.busy = self._writer_cpu + self._hasher_cpu
 
     def _wake_hasher(self) -> None:
         with self._progress:
@@ -192,9 +190,9 @@ class BackgroundFile:
 
     def _hashable(self) -> int:
         """How far the hasher may go now (called under _progress)."""
-        if self._to_end:
+        if self._to_end or self._hold is None:
             return self._written
-        return self._written if self._hold is None else min(self._written, self._hold)
+        return min(self._written, self._hold)
 
     def _hash_work(self) -> None:
         cpu0 = time.thread_time()
@@ -222,7 +220,11 @@ class BackgroundFile:
             self._error = e
         finally:
             self._hasher_cpu = time.thread_time() - cpu0
-            self.busy = self._writer_cpu + self._hasher_cpu
+
+    @property
+    def busy(self) -> float:
+        """Seconds of CPU the writer and the hasher used so far (for -v)."""
+        return self._writer_cpu + self._hasher_cpu
 
     def _put(self, item: Any) -> None:
         if self._error is not None:
