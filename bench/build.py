@@ -906,13 +906,15 @@ def phase_rows(r: Run, label: str) -> list[str]:
     out = [f"  {label} phases (s from start; -v timeline):"]
     for what, a, b in rows:
         out.append(f"    {a:7.1f} -> {b:7.1f}  {b - a:6.1f}  {what}")
-    host = p["read_cpu"] + p["parse_cpu"] + p["write_cpu"]
+    hash_cpu = p.get("hash_cpu", 0.0)
+    host = p["read_cpu"] + p["parse_cpu"] + p["write_cpu"] + hash_cpu
     span = max(p["stream_last"] - p["stream_first"], 1e-9)
     out.append(f"    overlap: during the {span:.1f} s stream the host side used {host:.1f} s "
-               f"of CPU (read {p['read_cpu']:.1f}, parse+normalize {p['parse_cpu']:.1f}, "
-               f"write+hash {p['write_cpu']:.1f}) on 4 threads and waited {p['waited']:.1f} s "
-               f"for data; index {p['index_cpu']:.2f} s CPU after it; compression drained "
-               f"{ev.get('drain', 0.0):.1f} s after the last byte assembled")
+               f"of CPU (read {p['read_cpu']:.1f}; parse+normalize {p['parse_cpu']:.1f} and "
+               f"write {p['write_cpu']:.1f} on one thread; hash {hash_cpu:.1f}) on 3 threads "
+               f"and waited {p['waited']:.1f} s for data; index {p['index_cpu']:.2f} s CPU "
+               f"after it; compression drained {ev.get('drain', 0.0):.1f} s after the last "
+               "byte assembled")
     return out
 
 
@@ -988,13 +990,15 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
     if hp:
         # The rootfs tar is sorted, so its compression starts only once the
         # whole stream is in; the stream ends no sooner than its one parsing
-        # thread (Python, serial) is through.
-        hf = hp["parse_cpu"] + floor
-        out.append(f"    H's own floor: the parsing thread's CPU {hp['parse_cpu']:.1f} s + Z "
-                   f"{floor:.1f} s (the sorted rootfs tar is compressed once the whole stream "
-                   f"is in) = {hf:.1f} s = {hf / zb:.2f}x ZB; {TARGETS['host']}x ZB leaves "
-                   f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the write and hash "
-                   "threads' share of the cores, index, assembly, publishing)")
+        # thread (Python, serial; it writes layer.tar too) is through.
+        thread = hp["parse_cpu"] + hp["write_cpu"]
+        hf = thread + floor
+        out.append(f"    H's own floor: the parsing thread's CPU {thread:.1f} s (parse "
+                   f"{hp['parse_cpu']:.1f}, write {hp['write_cpu']:.1f}) + Z {floor:.1f} s (the "
+                   f"sorted rootfs tar is compressed once the whole stream is in) = {hf:.1f} s "
+                   f"= {hf / zb:.2f}x ZB; {TARGETS['host']}x ZB leaves "
+                   f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the read-ahead and "
+                   "hash threads' share of the cores, index, assembly, publishing)")
     out.append("")
     out.append(f"{'peak RSS, rootfs-build Python process':<{width}}  {'MB':>8}  "
                f"{'entries':<18}  {'target':<12}  result")

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, overload
 
 from . import heap, tarfmt
 from .errors import UserError
-from .pipeline import BackgroundFile, ReadAhead
+from .pipeline import HashedFile, ReadAhead
 from .tarfmt import CHR, DIR, LNK, REG, SYM, Member
 
 LAYER_TAR = "layer.tar"
@@ -82,17 +82,18 @@ def _pad8(n: int) -> int:
 class LayerWriter:
     """Build one layer in `directory` (which must exist and be empty).
 
-    Data is written and hashed on worker threads (pipeline.BackgroundFile);
-    the entries are kept as columns keyed by their sort key, so a layer of
-    N members costs ~190 bytes per member until finish() (measured by
-    bench/build.py), not a Python object per field."""
+    Data is written by the caller's thread and hashed behind it on a thread
+    of its own (pipeline.HashedFile); the entries are kept as columns keyed
+    by their sort key, so a layer of N members costs ~190 bytes per member
+    until finish() (measured by bench/build.py), not a Python object per
+    field."""
 
     def __init__(self, directory: Path, *, mtime_policy: str, source: str):
         assert mtime_policy in MTIME_POLICIES
         self.directory = directory
         self.mtime_policy = mtime_policy
         self.source = source
-        self._out = BackgroundFile(directory / LAYER_TAR, name="layer-writer")
+        self._out = HashedFile(directory / LAYER_TAR, name="layer")
         self._rows: dict[bytes, int] = {}       # sort key -> row of the columns
         self._type = bytearray()
         self._weak = bytearray()
@@ -108,9 +109,14 @@ class LayerWriter:
         self.data_bytes = 0
 
     @property
-    def writer_cpu(self) -> float:
-        """CPU seconds the hashing and writing thread used so far."""
-        return self._out.busy
+    def write_cpu(self) -> float:
+        """CPU seconds the caller's thread spent writing layer.tar so far."""
+        return self._out.write_cpu
+
+    @property
+    def hash_cpu(self) -> float:
+        """CPU seconds the thread hashing layer.tar used so far."""
+        return self._out.hash_cpu
 
     def add(self, m: Member, read: Reader | None = None, *, weak: bool = False,
             opaque: bool = False) -> None:
@@ -631,12 +637,13 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
                          stats: dict[str, float] | None = None) -> dict:
     """Normalize a whole tar stream into a layer in `directory`.
 
-    Four threads share the work: one reads the stream ahead (so a producer
-    such as the appliance never waits on a full pipe), this one parses and
-    normalizes, one writes layer.tar and one hashes it behind the writing.
-    `stats`, when given, receives where the time went (seconds: the
-    stream's first and last block, CPU of each thread, time spent waiting
-    for data).
+    Three threads share the work: one reads the stream ahead (so a producer
+    such as the appliance never waits on a full pipe), this one parses,
+    normalizes and writes layer.tar, and one hashes layer.tar behind the
+    writing.  `stats`, when given, receives where the time went (seconds:
+    the stream's first and last block, time spent waiting for data; CPU
+    seconds of the reading, of the parsing and normalizing, of the writing
+    on this thread, of the hashing).
 
     With `overlay_upper`, the stream is an overlayfs upper directory: a 0/0
     character device is a deletion, a directory marked opaque replaces the
@@ -662,7 +669,8 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
             writer.add(m, read, weak=not m.name, opaque=opaque and bool(m.name))
         ahead.drain()
         parsed = time.monotonic()
-        parse_cpu = time.thread_time() - cpu0
+        thread_cpu = time.thread_time() - cpu0
+        write_cpu = writer.write_cpu
         summary = writer.finish()
     except BaseException:
         ahead.close()
@@ -675,6 +683,7 @@ def build_layer_from_tar(stream: BinaryIO, directory: Path, *, mtime_policy: str
         stats.update(
             started=wall0, first_data=ahead.first_data or parsed,
             last_data=ahead.last_data or parsed, parsed=parsed, finished=time.monotonic(),
-            read_cpu=ahead.busy, parse_cpu=parse_cpu, write_cpu=writer.writer_cpu,
-            waited=ahead.waited, index_cpu=time.thread_time() - cpu0 - parse_cpu)
+            read_cpu=ahead.busy, parse_cpu=thread_cpu - write_cpu, write_cpu=write_cpu,
+            hash_cpu=writer.hash_cpu, waited=ahead.waited,
+            index_cpu=time.thread_time() - cpu0 - thread_cpu)
     return summary

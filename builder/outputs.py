@@ -5,11 +5,12 @@ no name and mtime 0; zstd level 3 with a worker thread pool (libzstd writes
 the same bytes for any number of workers >= 1, and for any write chunking)
 and no content size in the frame header.
 
-Every sink works beside the assembling thread: a compressor is fed from a
-queue on a thread of its own (gzip and zstd release the GIL while they
-work, and zstd has its own workers besides), and every file is written
-and hashed on two more (pipeline.BackgroundFile), which also start the disk
-writing early, so publishing's fsync finds little left to do.
+Every sink works beside the assembling thread: it is fed from a queue on a
+thread of its own, which compresses (gzip and zstd release the GIL while
+they work, and zstd has its own workers besides) and writes the file; the
+file is hashed behind the writing on one more (pipeline.HashedFile), and
+its disk writing starts early, so publishing's fsync finds little left to
+do.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from . import ui
 from .errors import UserError
 from .fileio import libc_function
 from .hashing import sha256_file
-from .pipeline import BackgroundFile
+from .pipeline import HashedFile
 
 GZIP_LEVEL = 6
 ZSTD_LEVEL = 3
 ZSTD_WORKERS = 2
 BUFFER = 1 << 20
 _DIRECT = BUFFER // 4       # writes at least this large skip the Tee's buffer
-_FEED_DEPTH = 3             # blocks queued for a compressor
+_FEED_DEPTH = 3             # blocks queued for a sink's feeder
 
 
 def zstd_compressor() -> zstandard.ZstdCompressor:
@@ -64,7 +65,7 @@ class TarSink:
 
     def __init__(self, path: Path, fmt: str):
         self.fmt = fmt
-        self.file = BackgroundFile(path, name=f"sink-{fmt}")
+        self.file = HashedFile(path, name=f"sink-{fmt}")
         self._writer: Any
         if fmt == "tar":
             self._writer = self.file
@@ -82,12 +83,12 @@ class TarSink:
                 self.file, closefd=False, write_size=BUFFER)  # type: ignore[arg-type]
         else:
             raise ValueError(fmt)
-        self._queue: queue.Queue[Any] | None = None
+        # Every format, plain tar too, is written by this feeder: the
+        # assembling thread only queues blocks.
+        self._queue: queue.Queue[Any] | None = queue.Queue(_FEED_DEPTH)
         self._error: BaseException | None = None
-        if self._writer is not self.file:
-            self._queue = queue.Queue(_FEED_DEPTH)
-            self._thread = threading.Thread(target=self._feed, name=f"rb-{fmt}", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._feed, name=f"rb-{fmt}", daemon=True)
+        self._thread.start()
 
     def _feed(self) -> None:
         assert self._queue is not None
@@ -103,11 +104,9 @@ class TarSink:
 
     def write(self, data: bytes | bytearray) -> None:
         """Hand `data` over (it must not change afterwards)."""
-        if self._queue is None:
-            self._writer.write(data)
-            return
         if self._error is not None:
             raise self._error
+        assert self._queue is not None, "written after close()"
         self._queue.put(data)
 
     def _stop_feeding(self) -> None:

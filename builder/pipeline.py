@@ -1,17 +1,20 @@
-"""Work beside the main thread: files written (and hashed) on a thread of
-their own, streams read ahead on a thread of their own.
+"""Work beside the main thread: files hashed on a thread of their own
+behind the writing, streams read ahead on a thread of their own.
 
 The main thread parses and normalizes (Python, holding the GIL); reading a
-pipe, hashing and writing are C work that releases the GIL, so on a thread
-of their own they overlap the parsing instead of following it.  Nothing here
+pipe and hashing are C work that releases the GIL, so on a thread of their
+own they overlap the parsing instead of following it.  Writing stays on
+the thread that produces the bytes: handing it to a thread of its own cost
+more in GIL switches than the writes themselves (HashedFile).  Nothing here
 changes a byte: only where and when the work happens.
 
 Invariants:
-- BackgroundFile: the file's bytes and `sha` are exactly the bytes given to
+- HashedFile: the file's bytes and `sha` are exactly the bytes given to
   write(), in order.  write() takes the buffer over: the caller must not
   change it afterwards (bytes, memoryviews of bytes, or a bytearray the
-  caller forgets).  An error on a worker (a full disk) is raised, as the
-  same exception, by the next call on the caller's side.
+  caller forgets).  A write's error is raised by that write (or the flush
+  that does it); the hasher's error, as the same exception, by the next
+  write's flush or by close().
 - Bytes are hashed from the file, behind the writing, and never past a live
   mark: what a rollback cuts off was never hashed.
 - ReadAhead: read() returns the stream's bytes in order, at most `depth`
@@ -33,8 +36,7 @@ from typing import Any, BinaryIO
 
 from .fileio import libc_function
 
-BATCH = 256 << 10             # writes are gathered up to this before a hand-over
-DEPTH = 4                     # hand-overs in flight (each ~BATCH plus one write: bounded memory)
+BATCH = 256 << 10             # writes are gathered up to this for one writev
 WRITEBACK_EVERY = 16 << 20    # start the disk writing every this many bytes
 HASH_EVERY = 8 << 20          # the hasher wakes when this much more is written
 HASH_PIECE = 1 << 20          # ... and reads it back in pieces of this size (heap.BLOCK_MAX)
@@ -65,7 +67,7 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 def _write_all(fd: int, buffers: list[Buffer], size: int) -> None:
     """Write `buffers` (`size` bytes in all) at the file's position, in as
-    few system calls as the kernel takes: a hand-over of many small pieces
+    few system calls as the kernel takes: a batch of many small pieces
     (a member's header, data, padding) costs one call, not one a piece,
     and no copy into one buffer first."""
     for i in range(0, len(buffers), _IOV_MAX):
@@ -93,7 +95,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
 
 
 def written_digest(path: Path) -> str | None:
-    """sha256 of `path` if this process wrote it with a BackgroundFile and it
+    """sha256 of `path` if this process wrote it with a HashedFile and it
     has not changed since (same device, inode, size, mtime and ctime)."""
     known = _written.get(os.path.abspath(path))
     if known is None:
@@ -106,44 +108,49 @@ def written_digest(path: Path) -> str | None:
 
 
 class _Mark:
-    """A position in a BackgroundFile to roll back to."""
+    """A position in a HashedFile to roll back to."""
 
     def __init__(self, size: int):
         self.size = size
 
 
-class BackgroundFile:
-    """A new file, written once, hashed and written on worker threads.
+class HashedFile:
+    """A new file, written once by the threads that call write(), hashed
+    behind the writing on a thread of its own.
 
-    `size` counts what was handed over (so callers know offsets at once);
-    `sha` is complete after close().  mark()/rollback()/release() take the
-    file back to an earlier point (the layer writer's sparse-file case).
+    `size` counts what was given to write(); `sha` is complete after
+    close().  mark()/rollback()/release() take the file back to an earlier
+    point (the layer writer's sparse-file case).  Writes are gathered up to
+    BATCH bytes and written by one writev, the pieces not copied together
+    first.  One thread writes at a time (the caller's, or a sink's feeder).
 
-    Why the hash is taken from the file and not from the hand-overs: the
-    caller's thread runs Python nearly all the time, and a worker coming
-    back from C code (hashing, writing) waits for the GIL.  A worker that
-    hashed and wrote each ~256 KiB hand-over came back twice for each and
-    fell behind, filling the queue and stopping the caller (bench/
-    host_only.py on the bench's 1 GB stream: the parsing thread stood 1.4 s
-    of a 3.0 s stream in put()).  The writer now comes back once per
-    hand-over, its pieces written by one writev without being copied
-    together first; the hasher reads the written bytes back from the page
-    cache, 1 MiB at a time into one buffer (4 MiB measured no faster and
-    held 1-3 MB more), and its waits for the GIL only delay the hash, which
-    nobody reads before close()."""
+    Why the caller writes, not a writer thread: the caller's thread runs
+    Python nearly all the time, and a worker coming back from C code waits
+    for the GIL, so every hand-over to a writer thread cost the parsing
+    thread a switch each way.  bench/host_only.py on the bench's 1 GB
+    stream, three runs each, alternating: the stream took 2.75-2.98 s with
+    a writer thread and 2.21-2.40 s with the writes on the parsing thread,
+    which cost that thread 0.3 s more CPU.
 
-    def __init__(self, path: Path, *, name: str = "writer"):
+    Why the hash is taken from the file and not from the writes: for the
+    same reason a hasher fed each write fell behind and held the caller up;
+    reading the written bytes back from the page cache, 1 MiB at a time
+    into one buffer (4 MiB measured no faster and held 1-3 MB more), it
+    comes back for the GIL twice per MiB, and its waits only delay the
+    hash, which nobody reads before close()."""
+
+    def __init__(self, path: Path, *, name: str = "file"):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.size = 0
         self.sha = hashlib.sha256()
         self._batch: list[Buffer] = []   # the buffers given to write(), not copied
         self._batch_bytes = 0
-        self._queue: queue.Queue[Any] = queue.Queue(DEPTH)
-        self._error: BaseException | None = None
-        self._written = 0        # bytes on the file (writer side)
+        self._error: BaseException | None = None   # the hasher's, raised by the next call
+        self._written = 0        # bytes on the file
         self._synced = 0         # bytes asked to be written back
         self._closed = False
+        self._write_cpu = 0.0    # CPU seconds the writing threads spent in flush()
         # the hasher's state, under _progress
         self._progress = threading.Condition()
         self._hashed = 0         # bytes of the file in `sha`
@@ -151,43 +158,12 @@ class BackgroundFile:
         self._told = 0           # _written when the hasher was last woken
         self._to_end = False     # close(): hash to the end of the file, then stop
         self._stop = False       # abort(): stop now
-        self._writer_cpu = self._hasher_cpu = 0.0
-        self._thread = threading.Thread(target=self._work, name=f"rb-{name}", daemon=True)
+        self._hash_cpu = 0.0
         self._hasher = threading.Thread(target=self._hash_work, name=f"rb-{name}-hash",
                                         daemon=True)
-        self._thread.start()
         self._hasher.start()
 
-    # -- the workers --------------------------------------------------------
-    def _work(self) -> None:
-        cpu0 = time.thread_time()
-        q = self._queue
-        while True:
-            item = q.get()
-            try:
-                if item is None:
-                    return
-                if self._error is not None:
-                    continue   # keep draining so the caller never blocks
-                buffers, size = item
-                _write_all(self.fd, buffers, size)
-                self._written += size
-                if self._written - self._synced >= WRITEBACK_EVERY:
-                    _start_writeback(self.fd, self._synced, self._written - self._synced)
-                    self._synced = self._written
-                if self._written - self._told >= HASH_EVERY:
-                    self._wake_hasher()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                self._error = e
-            finally:
-                q.task_done()
-                self._writer_cpu = time.thread_time() - cpu0
-
-    def _wake_hasher(self) -> None:
-        with self._progress:
-            self._told = self._written
-            self._progress.notify()
-
+    # -- the hasher ---------------------------------------------------------
     def _hashable(self) -> int:
         """How far the hasher may go now (called under _progress)."""
         if self._to_end or self._hold is None:
@@ -213,25 +189,25 @@ class BackgroundFile:
                         raise OSError(f"{self.path}: shorter than what was written to it")
                     self.sha.update(piece[:n])
                     self._hashed += n
-                    self._hasher_cpu = time.thread_time() - cpu0
+                    self._hash_cpu = time.thread_time() - cpu0
                 if last:
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             self._error = e
         finally:
-            self._hasher_cpu = time.thread_time() - cpu0
+            self._hash_cpu = time.thread_time() - cpu0
 
     @property
-    def busy(self) -> float:
-        """Seconds of CPU the writer and the hasher used so far (for -v)."""
-        return self._writer_cpu + self._hasher_cpu
+    def write_cpu(self) -> float:
+        """CPU seconds the writing thread spent writing so far (for -v)."""
+        return self._write_cpu
 
-    def _put(self, item: Any) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(item)
+    @property
+    def hash_cpu(self) -> float:
+        """CPU seconds the hasher used so far (for -v)."""
+        return self._hash_cpu
 
-    # -- the caller's side ------------------------------------------------
+    # -- the writing side ---------------------------------------------------
     def write(self, data: Buffer) -> int:
         n = len(data)
         if not n:
@@ -244,21 +220,30 @@ class BackgroundFile:
         return n
 
     def flush(self) -> None:
-        if self._batch:
-            self._put((self._batch, self._batch_bytes))
-            self._batch = []
-            self._batch_bytes = 0
-
-    def _drain(self) -> None:
-        self.flush()
-        self._queue.join()
+        """Write what is gathered; start the disk writing and wake the
+        hasher when enough has piled up since they last were."""
         if self._error is not None:
             raise self._error
+        if not self._batch:
+            return
+        cpu0 = time.thread_time()
+        _write_all(self.fd, self._batch, self._batch_bytes)
+        self._written += self._batch_bytes
+        self._batch = []
+        self._batch_bytes = 0
+        if self._written - self._synced >= WRITEBACK_EVERY:
+            _start_writeback(self.fd, self._synced, self._written - self._synced)
+            self._synced = self._written
+        if self._written - self._told >= HASH_EVERY:
+            with self._progress:
+                self._told = self._written
+                self._progress.notify()
+        self._write_cpu += time.thread_time() - cpu0
 
     def mark(self) -> _Mark:
         """The current end of the file, to roll back to; until rollback() or
         release(), nothing past it is hashed.  One mark at a time."""
-        assert self._hold is None, "a BackgroundFile holds one mark at a time"
+        assert self._hold is None, "a HashedFile holds one mark at a time"
         m = _Mark(self.size)
         with self._progress:
             self._hold = m.size
@@ -276,7 +261,7 @@ class BackgroundFile:
         from `keep_from` (an offset after the mark) on goes to `spool`
         first, copied in the kernel, never through Python."""
         assert self._hold == m.size
-        self._drain()
+        self.flush()
         if spool is not None:
             spool.flush()
             offset = max(m.size, keep_from)
@@ -313,7 +298,7 @@ class BackgroundFile:
         if self._closed:
             return
         try:
-            self._drain()
+            self.flush()
             self._stop_hasher(to_end=True)
             if self._error is not None:
                 raise self._error
@@ -321,8 +306,6 @@ class BackgroundFile:
             self.abort()
             raise
         self._closed = True
-        self._queue.put(None)
-        self._thread.join()
         try:
             os.fsync(self.fd)
             _written[os.path.abspath(self.path)] = (_stat_key(os.fstat(self.fd)),
@@ -336,8 +319,6 @@ class BackgroundFile:
             return
         self._closed = True
         self._batch = []
-        self._queue.put(None)
-        self._thread.join()
         if self._hasher.is_alive():
             self._stop_hasher(to_end=False)
         os.close(self.fd)

@@ -20,12 +20,12 @@ from unit_helpers import Spec
 
 from builder import pipeline, tarfmt
 from builder.layer import Layer, build_layer_from_tar
-from builder.pipeline import BATCH, HASH_EVERY, BackgroundFile, ReadAhead, written_digest
+from builder.pipeline import BATCH, HASH_EVERY, HashedFile, ReadAhead, written_digest
 
 
-def test_background_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
+def test_hashed_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
     pieces = [os.urandom(n) for n in (1, 100, BATCH - 1, BATCH, 3 * BATCH + 7, 5, 0, 4096)]
-    f = BackgroundFile(tmp_path / "out")
+    f = HashedFile(tmp_path / "out")
     for p in pieces:
         f.write(memoryview(p) if len(p) % 2 else p)
     f.close()
@@ -42,7 +42,7 @@ def test_many_small_pieces_in_one_hand_over(tmp_path: Path) -> None:
     file still holds them in order."""
     pieces = [bytes([i % 251]) * (1 + i % 3) for i in range(3 * pipeline._IOV_MAX + 5)]
     assert sum(map(len, pieces)) < BATCH
-    f = BackgroundFile(tmp_path / "out")
+    f = HashedFile(tmp_path / "out")
     for p in pieces:
         f.write(p)
     f.close()
@@ -61,7 +61,7 @@ def test_a_short_writev_is_finished_piece_by_piece(tmp_path: Path,
 
     monkeypatch.setattr(pipeline.os, "writev", short)
     pieces = [os.urandom(n) for n in (3, 1000, 70000, 5, BATCH)]
-    f = BackgroundFile(tmp_path / "out")
+    f = HashedFile(tmp_path / "out")
     for p in pieces:
         f.write(p)
     f.close()
@@ -70,11 +70,11 @@ def test_a_short_writev_is_finished_piece_by_piece(tmp_path: Path,
 
 
 @pytest.mark.parametrize("tail_size", [3 * BATCH, 3 * HASH_EVERY + 11])
-def test_background_file_rollback_copies_out_and_leaves_the_cut_unhashed(
+def test_hashed_file_rollback_copies_out_and_leaves_the_cut_unhashed(
         tmp_path: Path, tail_size: int) -> None:
     """Rolled back after more than the hasher takes at a time was written
     past the mark: what the cut took was never hashed."""
-    f = BackgroundFile(tmp_path / "out")
+    f = HashedFile(tmp_path / "out")
     f.write(b"head")
     mark = f.mark()
     f.write(b"HDR!")
@@ -94,7 +94,7 @@ def test_a_released_mark_lets_the_hash_go_on(tmp_path: Path) -> None:
     """The bytes after a released mark stay and are hashed, the ones
     written before the mark too."""
     head, body = os.urandom(2 * HASH_EVERY), os.urandom(3 * HASH_EVERY)
-    f = BackgroundFile(tmp_path / "out")
+    f = HashedFile(tmp_path / "out")
     f.write(head)
     mark = f.mark()
     f.write(body)
@@ -107,7 +107,7 @@ def test_a_released_mark_lets_the_hash_go_on(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_surfaces_as_the_callers_error() -> None:
-    f = BackgroundFile(Path("/dev/full"))
+    f = HashedFile(Path("/dev/full"))
     with pytest.raises(OSError) as info:
         for _ in range(64):
             f.write(bytes(BATCH))
