@@ -912,12 +912,11 @@ def phase_rows(r: Run, label: str) -> list[str]:
     out = [f"  {label} phases (s from start; -v timeline):"]
     for what, a, b in rows:
         out.append(f"    {a:7.1f} -> {b:7.1f}  {b - a:6.1f}  {what}")
-    hash_cpu = p.get("hash_cpu", 0.0)
-    host = p["read_cpu"] + p["parse_cpu"] + p["write_cpu"] + hash_cpu
+    host = p["read_cpu"] + p["parse_cpu"] + p["write_cpu"] + p["hash_cpu"]
     span = max(p["stream_last"] - p["stream_first"], 1e-9)
     out.append(f"    overlap: during the {span:.1f} s stream the host side used {host:.1f} s "
                f"of CPU (read {p['read_cpu']:.1f}; parse+normalize {p['parse_cpu']:.1f} and "
-               f"write {p['write_cpu']:.1f} on one thread; hash {hash_cpu:.1f}) on 3 threads "
+               f"write {p['write_cpu']:.1f} on one thread; hash {p['hash_cpu']:.1f}) on 3 threads "
                f"and waited {p['waited']:.1f} s for data; index {p['index_cpu']:.2f} s CPU "
                f"after it; compression drained {ev.get('drain', 0.0):.1f} s after the last "
                "byte assembled")
