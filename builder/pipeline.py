@@ -146,7 +146,7 @@ class HashedFile:
         self.sha = hashlib.sha256()
         self._batch: list[Buffer] = []   # the buffers given to write(), not copied
         self._batch_bytes = 0
-        self._error: BaseException | None = None   # the hasher's, raised by the next call
+        self._error: BaseException | None = None   # the hasher's; flush() and close() raise it
         self._written = 0        # bytes on the file
         self._synced = 0         # bytes asked to be written back
         self._closed = False
