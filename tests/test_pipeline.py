@@ -37,7 +37,7 @@ def test_hashed_file_keeps_order_hash_and_size(tmp_path: Path) -> None:
     assert written_digest(tmp_path / "out") is None
 
 
-def test_many_small_pieces_in_one_hand_over(tmp_path: Path) -> None:
+def test_many_small_pieces_in_one_batch(tmp_path: Path) -> None:
     """More pieces than one writev takes (IOV_MAX), all below BATCH: the
     file still holds them in order."""
     pieces = [bytes([i % 251]) * (1 + i % 3) for i in range(3 * pipeline._IOV_MAX + 5)]
