@@ -150,7 +150,7 @@ class HashedFile:
         self._written = 0        # bytes on the file
         self._synced = 0         # bytes asked to be written back
         self._closed = False
-        self._write_cpu = 0.0    # CPU seconds the writing threads spent in flush()
+        self.write_cpu = 0.0     # CPU seconds the writing threads spent in flush() (for -v)
         # the hasher's state, under _progress
         self._progress = threading.Condition()
         self._hashed = 0         # bytes of the file in `sha`
@@ -158,7 +158,7 @@ class HashedFile:
         self._told = 0           # _written when the hasher was last woken
         self._to_end = False     # close(): hash to the end of the file, then stop
         self._stop = False       # abort(): stop now
-        self._hash_cpu = 0.0
+        self.hash_cpu = 0.0      # CPU seconds the hasher used so far (for -v)
         self._hasher = threading.Thread(target=self._hash_work, name=f"rb-{name}-hash",
                                         daemon=True)
         self._hasher.start()
@@ -189,23 +189,13 @@ class HashedFile:
                         raise OSError(f"{self.path}: shorter than what was written to it")
                     self.sha.update(piece[:n])
                     self._hashed += n
-                    self._hash_cpu = time.thread_time() - cpu0
+                    self.hash_cpu = time.thread_time() - cpu0
                 if last:
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             self._error = e
         finally:
-            self._hash_cpu = time.thread_time() - cpu0
-
-    @property
-    def write_cpu(self) -> float:
-        """CPU seconds the writing thread spent writing so far (for -v)."""
-        return self._write_cpu
-
-    @property
-    def hash_cpu(self) -> float:
-        """CPU seconds the hasher used so far (for -v)."""
-        return self._hash_cpu
+            self.hash_cpu = time.thread_time() - cpu0
 
     # -- the writing side ---------------------------------------------------
     def write(self, data: Buffer) -> int:
@@ -238,7 +228,7 @@ class HashedFile:
             with self._progress:
                 self._told = self._written
                 self._progress.notify()
-        self._write_cpu += time.thread_time() - cpu0
+        self.write_cpu += time.thread_time() - cpu0
 
     def mark(self) -> _Mark:
         """The current end of the file, to roll back to; until rollback() or
