@@ -4,8 +4,9 @@ Launch policy: the direct backend, with KVM when it works.  When a launch
 fails and TCG was not forced already, it is retried once with TCG and one
 warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
 launches in the same process go straight to TCG.  A launch still running
-after LAUNCH_STALLED_AFTER seconds is stopped: a KVM one goes on to TCG, a
-TCG one is started once more (_launch_attempts).  A TCG appliance gets
+after LAUNCH_STALLED_AFTER seconds (a KVM one: KVM_LAUNCH_STALLED_AFTER) is
+stopped: a KVM one goes on to TCG, a TCG one is started once more
+(_launch_attempts).  A TCG appliance gets
 libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
@@ -48,6 +49,11 @@ LAUNCH_TIMEOUT = 600.0
 # launch not finished after this long is stopped and started again; the second
 # attempt gets the full limit.
 LAUNCH_STALLED_AFTER = 180.0
+# A KVM boot takes seconds, not minutes.  Where KVM is broken, qemu usually
+# aborts at once ("failed to set MSR 0x10a"), but on one dev VM a KVM launch
+# hung instead (`guestfish -a /dev/null run` still running after 40 s), and
+# every build process waited LAUNCH_STALLED_AFTER before going on to TCG.
+KVM_LAUNCH_STALLED_AFTER = 60.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
 # Set once a KVM launch failed: later launches in this process go straight
@@ -481,7 +487,7 @@ class Appliance:
         tcg = [(True, LAUNCH_STALLED_AFTER), (True, max(self.timeout, LAUNCH_TIMEOUT))]
         if _tcg_only or _tcg_forced_by_env():
             return tcg
-        return [(False, LAUNCH_STALLED_AFTER), *tcg]
+        return [(False, KVM_LAUNCH_STALLED_AFTER), *tcg]
 
     def launch(self) -> None:
         """Start the appliance (see the module's launch policy); one line of

@@ -212,3 +212,43 @@ def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
     warnings = [r.getMessage() for r in caplog.records if "starting it again" in r.getMessage()]
     assert warnings == ["warning: hang probe: the appliance had not started after 5 s; "
                         "starting it again"], caplog.text
+
+
+def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon(tmp_path: Path, hv_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one dev VM a KVM launch hung instead of aborting, and every build
+    process waited LAUNCH_STALLED_AFTER (180 s) before going on to TCG.  The
+    KVM attempt has a limit of its own: here a stand-in qemu hangs when it is
+    asked for KVM and hands a TCG boot to the real one."""
+    from builder import guestfs_io
+    from builder.session import Session
+
+    real = guestfs_io._guestfs_module().GuestFS().get_hv()
+    hung = tmp_path / "hung.pid"
+    hv = hv_dir / "qemu-hangs-on-kvm"   # our kill finds qemu by its name
+    hv.write_text(f"#!{sys.executable}\n"
+                  "import os, sys, time\n"
+                  "if '-kernel' in sys.argv and any('accel=kvm' in a for a in sys.argv):\n"
+                  f"    open({str(hung)!r}, 'w').write(str(os.getpid()))\n"
+                  "    time.sleep(1000)\n"
+                  f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    hv.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)   # KVM first
+    monkeypatch.setattr(guestfs_io, "_tcg_only", False)
+    monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", 5.0)
+    # Were the KVM attempt held to the general limit, the launch would take
+    # at least this long; the TCG boot after a 5 s KVM attempt takes 8-17 s.
+    monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 120.0)
+    disk = tmp_path / "empty.raw"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    app = guestfs_io.Appliance("kvm hang probe", session=Session(), timeout=60)
+    app.add_drive(disk, fmt="raw")
+    t0 = time.monotonic()
+    with app:
+        took = time.monotonic() - t0
+        assert app.call("debug", "sh", ["echo up"]).strip() == "up"
+    assert hung.exists(), "the stand-in was never asked for KVM: the test proves nothing"
+    assert took < guestfs_io.LAUNCH_STALLED_AFTER, f"KVM attempt held {took:.0f} s"
+    assert guestfs_io._tcg_only, "later launches in the process should go straight to TCG"
