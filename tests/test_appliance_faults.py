@@ -18,6 +18,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, Build, one_error_line
@@ -166,6 +167,37 @@ def test_without_dev_kvm_access_the_build_runs_on_tcg(demo_build: Build,
     assert " /dev/kvm " not in Path("/proc/self/mountinfo").read_text()
 
 
+def _stand_in_qemu(hv: Path, hung: Path, hang_when: str,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `hv` the qemu libguestfs runs: a boot for which the Python
+    expression `hang_when` holds writes its pid to `hung` and hangs; any
+    other run is the real qemu.  (Our kill finds qemu by its name, so `hv`
+    should be named qemu-*.)"""
+    from builder import guestfs_io
+
+    real = guestfs_io._guestfs_module().GuestFS().get_hv()
+    hv.write_text(f"#!{sys.executable}\n"
+                  "import os, sys, time\n"
+                  f"if '-kernel' in sys.argv and {hang_when}:\n"
+                  f"    open({str(hung)!r}, 'w').write(str(os.getpid()))\n"
+                  "    time.sleep(1000)\n"
+                  f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
+    hv.chmod(0o755)
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+
+
+def _blank_disk_appliance(tmp_path: Path, label: str, session: Any) -> Any:
+    """An Appliance (not launched) with one blank 1 MiB raw drive."""
+    from builder import guestfs_io
+
+    disk = tmp_path / "empty.raw"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    app = guestfs_io.Appliance(label, session=session, timeout=60)
+    app.add_drive(disk, fmt="raw")
+    return app
+
+
 def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
@@ -176,28 +208,16 @@ def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
     from builder import guestfs_io
     from builder.session import Session
 
-    real = guestfs_io._guestfs_module().GuestFS().get_hv()
     hangs = tmp_path / "hung.pid"
-    hv = hv_dir / "qemu-hangs-once"   # our kill finds qemu by its name
-    hv.write_text(f"#!{sys.executable}\n"
-                  "import os, sys, time\n"
-                  f"if '-kernel' in sys.argv and not os.path.exists({str(hangs)!r}):\n"
-                  f"    open({str(hangs)!r}, 'w').write(str(os.getpid()))\n"
-                  "    time.sleep(1000)\n"
-                  f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
-    hv.chmod(0o755)
-    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    _stand_in_qemu(hv_dir / "qemu-hangs-once", hangs, f"not os.path.exists({str(hangs)!r})",
+                   monkeypatch)
     monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 5.0)
     # the second, real boot takes 8-17 s; should the stand-in hang there too
     # (its first boot not reached within the 5 s), fail after 300 s, not 1800
     monkeypatch.setattr(guestfs_io, "LAUNCH_TIMEOUT", 300.0)
-    disk = tmp_path / "empty.raw"
-    with open(disk, "wb") as f:
-        f.truncate(1 << 20)
     session = Session()
-    app = guestfs_io.Appliance("hang probe", session=session, timeout=60)
-    app.add_drive(disk, fmt="raw")
+    app = _blank_disk_appliance(tmp_path, "hang probe", session)
     t0 = time.monotonic()
     with app:
         assert app.call("debug", "sh", ["echo up"]).strip() == "up"
@@ -223,28 +243,16 @@ def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon(tmp_path: Path, hv_dir: Pat
     from builder import guestfs_io
     from builder.session import Session
 
-    real = guestfs_io._guestfs_module().GuestFS().get_hv()
     hung = tmp_path / "hung.pid"
-    hv = hv_dir / "qemu-hangs-on-kvm"   # our kill finds qemu by its name
-    hv.write_text(f"#!{sys.executable}\n"
-                  "import os, sys, time\n"
-                  "if '-kernel' in sys.argv and any('accel=kvm' in a for a in sys.argv):\n"
-                  f"    open({str(hung)!r}, 'w').write(str(os.getpid()))\n"
-                  "    time.sleep(1000)\n"
-                  f"os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")
-    hv.chmod(0o755)
-    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    _stand_in_qemu(hv_dir / "qemu-hangs-on-kvm", hung,
+                   "any('accel=kvm' in a for a in sys.argv)", monkeypatch)
     monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)   # KVM first
     monkeypatch.setattr(guestfs_io, "_tcg_only", False)
     monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", 5.0)
     # Were the KVM attempt held to the general limit, the launch would take
     # at least this long; the TCG boot after a 5 s KVM attempt takes 8-17 s.
     monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 120.0)
-    disk = tmp_path / "empty.raw"
-    with open(disk, "wb") as f:
-        f.truncate(1 << 20)
-    app = guestfs_io.Appliance("kvm hang probe", session=Session(), timeout=60)
-    app.add_drive(disk, fmt="raw")
+    app = _blank_disk_appliance(tmp_path, "kvm hang probe", Session())
     t0 = time.monotonic()
     with app:
         took = time.monotonic() - t0
