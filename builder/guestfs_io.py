@@ -6,8 +6,11 @@ warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
 launches in the same process go straight to TCG.  A launch still running
 after LAUNCH_STALLED_AFTER seconds (a KVM one: KVM_LAUNCH_STALLED_AFTER) is
 stopped: a KVM one goes on to TCG, a TCG one is started once more
-(_launch_attempts).  A TCG appliance gets
-libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
+(_launch_attempts).  A KVM failure that TCG then got past is recorded in
+libguestfs' cache directory for this boot of the host and this qemu
+(_kvm_failure_record): later processes go straight to TCG, with a warning
+naming the record.  A TCG appliance gets libguestfs' CPU model without the
+flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
@@ -25,6 +28,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -59,6 +63,10 @@ DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.
 # Set once a KVM launch failed: later launches in this process go straight
 # to TCG instead of failing again.
 _tcg_only = False
+# The same verdict across processes: on the VM where KVM hangs, each build
+# process (and each test that runs one) waited KVM_LAUNCH_STALLED_AFTER.
+KVM_FAILURE_RECORD = "rootfs-build-kvm-failed.json"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 # Under TCG on x86_64, libguestfs gives the appliance "-cpu max,la57=off".
 # max's ERMS and FSRM flags make the appliance kernel and glibc copy memory
@@ -284,6 +292,62 @@ def _kvm_openable() -> bool:
     return True
 
 
+def _kvm_failure_record(g: Any) -> tuple[Path, dict[str, Any]] | None:
+    """Where a KVM failure on this host is recorded, and what the record
+    says when it holds: libguestfs' per-user cache directory
+    ($LIBGUESTFS_CACHEDIR, else $TMPDIR, else /var/tmp, then .guestfs-UID),
+    which libguestfs makes and checks for the appliance it keeps there.  A
+    record holds for one boot of the host (a reboot may bring a fixed
+    hypervisor) and one qemu binary (LIBGUESTFS_HV, or a qemu upgrade, gets
+    its own trial).  None when the directory is not there or not ours (no
+    launch made it yet) or the qemu or the boot id cannot be read."""
+    directory = Path(g.get_cachedir()) / f".guestfs-{os.geteuid()}"
+    try:
+        st = os.lstat(directory)
+        hv = os.path.realpath(g.get_hv())
+        hv_st = os.stat(hv)
+        boot_id = BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    return directory / KVM_FAILURE_RECORD, {
+        "boot_id": boot_id, "hv": hv, "hv_size": hv_st.st_size,
+        "hv_mtime_ns": hv_st.st_mtime_ns}
+
+
+def _recorded_kvm_failure() -> Path | None:
+    """The record of a KVM failure that holds for this boot and this qemu,
+    if there is one."""
+    g = _guestfs_module().GuestFS(python_return_dict=True)
+    try:
+        found = _kvm_failure_record(g)
+    finally:
+        g.close()
+    if found is None:
+        return None
+    path, identity = found
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return path if recorded == identity else None
+
+
+def _record_kvm_failure(g: Any) -> None:
+    """Record that KVM failed and TCG started (see _kvm_failure_record).
+    Only a saving for later processes: when it cannot be written, they try
+    KVM again."""
+    found = _kvm_failure_record(g)
+    if found is None:
+        return
+    path, identity = found
+    try:
+        fileio.write_atomic(path, json.dumps(identity, sort_keys=True) + "\n")
+    except OSError as e:
+        ui.info(f"could not record the KVM failure in {path}: {e}")
+
+
 def _tcg_forced_by_env() -> bool:
     return "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":")
 
@@ -482,10 +546,19 @@ class Appliance:
 
     def _launch_attempts(self) -> list[tuple[bool, float]]:
         """(TCG?, seconds allowed) of each launch to try, in order: KVM once,
-        unless known to fail; then TCG, first with a short limit so that a
+        unless known to fail (in this process, or by a record: then with
+        the warning, once); then TCG, first with a short limit so that a
         hung boot is stopped early, then with the full one."""
+        global _tcg_only
         tcg = [(True, LAUNCH_STALLED_AFTER), (True, max(self.timeout, LAUNCH_TIMEOUT))]
         if _tcg_only or _tcg_forced_by_env():
+            return tcg
+        record = _recorded_kvm_failure()
+        if record is not None:
+            ui.warn(f"the appliance failed to start with KVM earlier on this boot ({record}; "
+                    "remove it to try KVM again); using TCG (software emulation, slower)",
+                    once_key="tcg")
+            _tcg_only = True
             return tcg
         return [(False, KVM_LAUNCH_STALLED_AFTER), *tcg]
 
@@ -500,6 +573,8 @@ class Appliance:
             self.g = self._new_handle(tcg)
             try:
                 self._launch_quietly(limit)
+                if tried_kvm and tcg:
+                    _record_kvm_failure(self.g)
                 return
             except ApplianceError as e:
                 stalled = (self._killed_for or "").startswith("timeout")

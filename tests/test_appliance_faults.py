@@ -234,23 +234,30 @@ def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
                         "starting it again"], caplog.text
 
 
-def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon(tmp_path: Path, hv_dir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon_and_later_processes_skip_it(
+        tmp_path: Path, hv_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """On one dev VM a KVM launch hung instead of aborting, and every build
     process waited LAUNCH_STALLED_AFTER (180 s) before going on to TCG.  The
-    KVM attempt has a limit of its own: here a stand-in qemu hangs when it is
-    asked for KVM and hands a TCG boot to the real one."""
+    KVM attempt has a limit of its own, and the failure is recorded so that
+    a later process does not try KVM again: here a stand-in qemu hangs when
+    it is asked for KVM and hands a TCG boot to the real one."""
     from builder import guestfs_io
     from builder.session import Session
 
     hung = tmp_path / "hung.pid"
-    _stand_in_qemu(hv_dir / "qemu-hangs-on-kvm", hung,
-                   "any('accel=kvm' in a for a in sys.argv)", monkeypatch)
+    hv = hv_dir / "qemu-hangs-on-kvm"
+    _stand_in_qemu(hv, hung, "any('accel=kvm' in a for a in sys.argv)", monkeypatch)
+    # libguestfs' cache directory, where the record goes: the machine's own
+    # is left alone (supermin builds an appliance here, ~8 s)
+    cachedir = hv_dir / "cache"
+    cachedir.mkdir()
+    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(cachedir))
     monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)   # KVM first
     monkeypatch.setattr(guestfs_io, "_tcg_only", False)
     monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", 5.0)
     # Were the KVM attempt held to the general limit, the launch would take
-    # at least this long; the TCG boot after a 5 s KVM attempt takes 8-17 s.
+    # at least this long; the TCG boot after a 5 s KVM attempt takes 8-26 s.
     monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 120.0)
     app = _blank_disk_appliance(tmp_path, "kvm hang probe", Session())
     t0 = time.monotonic()
@@ -260,3 +267,51 @@ def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon(tmp_path: Path, hv_dir: Pat
     assert hung.exists(), "the stand-in was never asked for KVM: the test proves nothing"
     assert took < guestfs_io.LAUNCH_STALLED_AFTER, f"KVM attempt held {took:.0f} s"
     assert guestfs_io._tcg_only, "later launches in the process should go straight to TCG"
+    record = cachedir / f".guestfs-{os.geteuid()}" / guestfs_io.KVM_FAILURE_RECORD
+    assert json.loads(record.read_text())["hv"] == str(hv)
+
+    # a later process: nothing of this one's verdict but the record
+    hung.unlink()
+    monkeypatch.setattr(guestfs_io, "_tcg_only", False)
+    caplog.clear()
+    with _blank_disk_appliance(tmp_path, "kvm hang probe 2", Session()) as app:
+        assert app.call("debug", "sh", ["echo up"]).strip() == "up"
+    assert not hung.exists(), "KVM was tried again despite the record"
+    warnings = [r.getMessage() for r in caplog.records if "KVM" in r.getMessage()]
+    assert warnings == [f"warning: the appliance failed to start with KVM earlier on this "
+                        f"boot ({record}; remove it to try KVM again); using TCG (software "
+                        "emulation, slower)"], caplog.text
+
+
+def test_a_kvm_failure_record_holds_for_one_boot_and_one_qemu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record of a KVM failure is read back only for the boot and the qemu
+    binary it was made with: a reboot or another (or upgraded) qemu gets a
+    new trial.  No appliance runs here."""
+    from builder import guestfs_io
+
+    hv = tmp_path / "qemu-stand-in"
+    hv.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(tmp_path))
+    g = guestfs_io._guestfs_module().GuestFS(python_return_dict=True)
+    guestfs_io._record_kvm_failure(g)
+    assert guestfs_io._recorded_kvm_failure() is None, "no libguestfs directory, no record"
+    cache = tmp_path / f".guestfs-{os.geteuid()}"
+    cache.mkdir()
+    guestfs_io._record_kvm_failure(g)
+    record = cache / guestfs_io.KVM_FAILURE_RECORD
+    assert guestfs_io._recorded_kvm_failure() == record
+
+    os.utime(hv, ns=(0, hv.stat().st_mtime_ns + 1))     # qemu upgraded in place
+    assert guestfs_io._recorded_kvm_failure() is None
+    guestfs_io._record_kvm_failure(g)
+    assert guestfs_io._recorded_kvm_failure() == record
+    monkeypatch.setenv("LIBGUESTFS_HV", "/bin/false")   # another qemu
+    assert guestfs_io._recorded_kvm_failure() is None
+    monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
+    boot = tmp_path / "boot_id"
+    boot.write_text("another boot\n")
+    monkeypatch.setattr(guestfs_io, "BOOT_ID", boot)       # the host rebooted
+    assert guestfs_io._recorded_kvm_failure() is None
+    g.close()
