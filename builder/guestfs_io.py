@@ -3,14 +3,15 @@
 Launch policy: the direct backend, with KVM when it works.  When a launch
 fails and TCG was not forced already, it is retried once with TCG and one
 warning (on some hosts KVM aborts with "failed to set MSR 0x10a"); later
-launches in the same process go straight to TCG.  A launch still running
-after LAUNCH_STALLED_AFTER seconds (a KVM one: KVM_LAUNCH_STALLED_AFTER) is
-stopped: a KVM one goes on to TCG, a TCG one is started once more
-(_launch_attempts).  A KVM failure that TCG then got past is recorded in
-libguestfs' cache directory for this boot of the host and this qemu
-(_kvm_failure_record): later processes go straight to TCG, with a warning
-naming the record.  A TCG appliance gets libguestfs' CPU model without the
-flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
+launches in the same process go straight to TCG.  A launch silent for
+LAUNCH_STALLED_AFTER seconds (a KVM one: KVM_LAUNCH_STALLED_AFTER; every line
+the appliance's console prints counts as progress, and so does a supermin
+building the appliance, up to LAUNCH_TIMEOUT) is stopped: a KVM one goes on
+to TCG, a TCG one is started once more (_launch_attempts).  A KVM failure
+that TCG then got past is recorded in libguestfs' cache directory for this
+boot of the host and this qemu (_kvm_failure_record): later processes go
+straight to TCG, with a warning naming the record.  A TCG appliance gets
+libguestfs' CPU model without the flags TCG is slow at (_TCG_CPU_FLAGS_OFF).
 
 Every call runs on a worker thread so the main thread stays free to take
 SIGINT/SIGTERM and to enforce the timeout; both end a call by killing qemu.
@@ -55,8 +56,11 @@ LAUNCH_TIMEOUT = 600.0
 LAUNCH_STALLED_AFTER = 180.0
 # A KVM boot takes seconds, not minutes.  Where KVM is broken, qemu usually
 # aborts at once ("failed to set MSR 0x10a"), but on one dev VM a KVM launch
-# hung instead (`guestfish -a /dev/null run` still running after 40 s), and
-# every build process waited LAUNCH_STALLED_AFTER before going on to TCG.
+# hung instead (SeaBIOS' "Booting from ROM..." and then no word from the
+# kernel), and every build process waited LAUNCH_STALLED_AFTER before going
+# on to TCG.  Both limits count silence, not the whole launch: a boot that
+# is slow but printing (a loaded host), or a first launch whose supermin
+# builds the appliance, is not taken for a hung one.
 KVM_LAUNCH_STALLED_AFTER = 60.0
 DEFAULT_SMP = 2            # tar_out is CPU-bound under TCG; 2 vCPUs measured 1.7x faster
 
@@ -471,6 +475,8 @@ class Appliance:
         self._progress = time.monotonic()
         self._killed_for: str | None = None
         self._pid = 0  # qemu's pid: the handle is locked during a call, so ask once
+        self._launching = False   # the console's output counts as progress
+        self._echo_console = False  # libguestfs is verbose (LIBGUESTFS_DEBUG=1)
         # the call on a worker thread, from its start until the handle closes:
         # closing the handle under a running call frees memory the call uses
         self._call: _Worker | None = None
@@ -513,6 +519,12 @@ class Appliance:
             if cpu:
                 g.config("-cpu", cpu)   # after libguestfs' own -cpu, so qemu takes it
         g.set_smp(self.smp)
+        # Console lines count as progress during the launch only: later ones
+        # (a kernel's periodic stall warnings, say) must not keep a hung call
+        # alive.  The callback stays registered: removing it waits for the
+        # handle's lock, which a hung launch holds.
+        self._echo_console = g.get_verbose()
+        g.set_event_callback(self._console_line, guestfs.EVENT_APPLIANCE)
         # autosync unmounts and syncs the guest's filesystems before qemu
         # stops (~0.9 s under TCG): only writes to a drive we keep need it;
         # read-only drives and scratch disks go with the appliance
@@ -532,12 +544,22 @@ class Appliance:
         saved = os.dup(2)
         with tempfile.TemporaryFile() as log:
             os.dup2(log.fileno(), 2)
+            self._launching = True
+            started = time.monotonic()
+
+            def building() -> bool:
+                # bounded: a supermin waiting forever (on a lock whose holder
+                # stopped, say) must not hold the build forever
+                return (time.monotonic() - started < max(self.timeout, LAUNCH_TIMEOUT)
+                        and _supermin_building())
+
             try:
-                self.call("launch", timeout=limit)
+                self._run(self.g.launch, "launch", limit, busy=building)
                 if self.session is not None:
                     self.session.launches += 1
                 self._pid = self.g.get_pid()
             finally:
+                self._launching = False
                 os.dup2(saved, 2)
                 os.close(saved)
                 if ui.verbose():
@@ -667,6 +689,16 @@ class Appliance:
         """Note progress (resets the timeout)."""
         self._progress = time.monotonic()
 
+    def _console_line(self, _event: int, _handle: int, text: str | bytes,
+                      _array: object) -> None:
+        """libguestfs' callback for the appliance's console output (qemu's
+        own stderr among it).  With a callback set, libguestfs no longer
+        prints that output in verbose mode: it is echoed here instead."""
+        if self._launching:
+            self.touch()
+        if self._echo_console:
+            os.write(2, text.encode("utf-8", "replace") if isinstance(text, str) else text)
+
     def call(self, name: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run g.<name>(*args, **kwargs) on a worker thread with a timeout."""
         fn = getattr(self.g, name)
@@ -694,11 +726,16 @@ class Appliance:
             "and was stopped", hint="raise it with --appliance-timeout SECONDS if the step "
                                     "is slow")
 
-    def _run(self, fn: Callable[[], T], name: str, timeout: float | None) -> T:
+    def _run(self, fn: Callable[[], T], name: str, timeout: float | None, *,
+             busy: Callable[[], bool] | None = None) -> T:
+        """fn on a worker thread, stopped once it made no progress for
+        `timeout` s; while `busy()` holds, it counts as progress."""
         limit = timeout or self.timeout
         worker = self._start(name, fn)
         try:
             while not worker.wait(0.2):
+                if busy is not None and busy():
+                    self.touch()
                 if time.monotonic() - self._progress > limit:
                     self._stop(worker, f"timeout in {name}")
                     raise self._timeout_error(name, limit)
@@ -1267,8 +1304,8 @@ class _Worker:
         return self.done.wait(timeout)
 
 
-def _qemu_children() -> set[int]:
-    """The live qemu processes libguestfs started (our children), found
+def _children(prefix: str) -> set[int]:
+    """Our live child processes whose name starts with `prefix`, found
     without the handle, which a running call keeps locked."""
     me = os.getpid()
     found = set()
@@ -1282,9 +1319,20 @@ def _qemu_children() -> set[int]:
             state, ppid = fields[1].split()[:2]
         except (OSError, IndexError, ValueError):
             continue
-        if int(ppid) == me and comm.startswith("qemu") and state not in ("Z", "X"):
+        if int(ppid) == me and comm.startswith(prefix) and state not in ("Z", "X"):
             found.add(int(entry))
     return found
+
+
+def _qemu_children() -> set[int]:
+    """The live qemu processes libguestfs started."""
+    return _children("qemu")
+
+
+def _supermin_building() -> bool:
+    """supermin is building the appliance for a launch (a first launch, or
+    one after the host's packages changed): it says nothing meanwhile."""
+    return bool(_children("supermin"))
 
 
 _F_SETPIPE_SZ = 1031
