@@ -328,7 +328,8 @@ def test_a_kvm_launch_that_is_slow_but_printing_is_not_stopped(
 
 
 def test_a_kvm_failure_record_holds_for_one_boot_and_one_qemu(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> None:
     """A record of a KVM failure is read back only for the boot and the qemu
     binary it was made with: a reboot or another (or upgraded) qemu gets a
     new trial.  No appliance runs here."""
@@ -339,6 +340,7 @@ def test_a_kvm_failure_record_holds_for_one_boot_and_one_qemu(
     monkeypatch.setenv("LIBGUESTFS_HV", str(hv))
     monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(tmp_path))
     g = guestfs_io._guestfs_module().GuestFS(python_return_dict=True)
+    request.addfinalizer(g.close)
     guestfs_io._record_kvm_failure(g)
     assert guestfs_io._recorded_kvm_failure() is None, "no libguestfs directory, no record"
     cache = tmp_path / f".guestfs-{os.geteuid()}"
@@ -358,4 +360,3 @@ def test_a_kvm_failure_record_holds_for_one_boot_and_one_qemu(
     boot.write_text("another boot\n")
     monkeypatch.setattr(guestfs_io, "BOOT_ID", boot)       # the host rebooted
     assert guestfs_io._recorded_kvm_failure() is None
-    g.close()
