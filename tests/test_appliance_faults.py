@@ -208,6 +208,26 @@ def _blank_disk_appliance(tmp_path: Path, label: str, session: Any) -> Any:
     return app
 
 
+# the stand-in's condition for a boot asked to use KVM
+_ASKED_FOR_KVM = "any('accel=kvm' in a for a in sys.argv)"
+
+
+def _kvm_first(hv_dir: Path, monkeypatch: pytest.MonkeyPatch, kvm_limit: float) -> Path:
+    """Launches in this process try KVM first, with a KVM limit of
+    `kvm_limit` s, and libguestfs' cache directory (where a KVM failure is
+    recorded) is an empty one of the test's: the machine's own is left alone.
+    Returns where the record would go."""
+    from builder import guestfs_io
+
+    cachedir = hv_dir / "cache"
+    cachedir.mkdir()
+    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(cachedir))
+    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)
+    monkeypatch.setattr(guestfs_io, "_tcg_only", False)
+    monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", kvm_limit)
+    return cachedir / f".guestfs-{os.geteuid()}" / guestfs_io.KVM_FAILURE_RECORD
+
+
 def test_a_launch_that_hangs_is_started_again(tmp_path: Path, hv_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
@@ -257,17 +277,11 @@ def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon_and_later_processes_skip_it
 
     hung = tmp_path / "hung.pid"
     hv = hv_dir / "qemu-hangs-on-kvm"
-    _stand_in_qemu(hv, hung, "any('accel=kvm' in a for a in sys.argv)", monkeypatch)
-    # libguestfs' cache directory, where the record goes: the machine's own
-    # is left alone.  It starts empty, so supermin first builds an appliance
-    # here, silent for 8-15 s: that must not count against the 5 s KVM limit
-    # (it did, and the stand-in was never reached)
-    cachedir = hv_dir / "cache"
-    cachedir.mkdir()
-    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(cachedir))
-    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)   # KVM first
-    monkeypatch.setattr(guestfs_io, "_tcg_only", False)
-    monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", 5.0)
+    _stand_in_qemu(hv, hung, _ASKED_FOR_KVM, monkeypatch)
+    # libguestfs' cache directory starts empty, so supermin first builds an
+    # appliance there, silent for 8-15 s: that must not count against the
+    # 5 s KVM limit (it did, and the stand-in was never reached)
+    record = _kvm_first(hv_dir, monkeypatch, 5.0)
     # Were the KVM attempt held to the general limit, the launch would take
     # at least this long; the TCG boot after a 5 s KVM attempt takes 8-26 s.
     monkeypatch.setattr(guestfs_io, "LAUNCH_STALLED_AFTER", 120.0)
@@ -279,7 +293,6 @@ def test_a_kvm_launch_that_hangs_goes_on_to_tcg_soon_and_later_processes_skip_it
     assert hung.exists(), "the stand-in was never asked for KVM: the test proves nothing"
     assert took < guestfs_io.LAUNCH_STALLED_AFTER, f"KVM attempt held {took:.0f} s"
     assert guestfs_io._tcg_only, "later launches in the process should go straight to TCG"
-    record = cachedir / f".guestfs-{os.geteuid()}" / guestfs_io.KVM_FAILURE_RECORD
     assert json.loads(record.read_text())["hv"] == str(hv)
 
     # a later process: nothing of this one's verdict but the record
@@ -307,14 +320,9 @@ def test_a_kvm_launch_that_is_slow_but_printing_is_not_stopped(
     from builder.session import Session
 
     talked = tmp_path / "talked.pid"
-    _stand_in_qemu(hv_dir / "qemu-slow-on-kvm", talked, "any('accel=kvm' in a for a in sys.argv)",
-                   monkeypatch, talk_for=15)
-    cachedir = hv_dir / "cache"
-    cachedir.mkdir()
-    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(cachedir))
-    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)   # KVM first
-    monkeypatch.setattr(guestfs_io, "_tcg_only", False)
-    monkeypatch.setattr(guestfs_io, "KVM_LAUNCH_STALLED_AFTER", 10.0)
+    _stand_in_qemu(hv_dir / "qemu-slow-on-kvm", talked, _ASKED_FOR_KVM, monkeypatch,
+                   talk_for=15)
+    record = _kvm_first(hv_dir, monkeypatch, 10.0)
     t0 = time.monotonic()
     with _blank_disk_appliance(tmp_path, "slow kvm probe", Session()) as app:
         took = time.monotonic() - t0
@@ -324,7 +332,7 @@ def test_a_kvm_launch_that_is_slow_but_printing_is_not_stopped(
     assert took > 15
     assert not guestfs_io._tcg_only
     assert [r.getMessage() for r in caplog.records if "KVM" in r.getMessage()] == []
-    assert not (cachedir / f".guestfs-{os.geteuid()}" / guestfs_io.KVM_FAILURE_RECORD).exists()
+    assert not record.exists()
 
 
 def test_a_kvm_failure_record_holds_for_one_boot_and_one_qemu(
