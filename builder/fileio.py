@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -87,8 +86,11 @@ def libc_function(name: str) -> Any:
     ctypes.get_errno() reads), or None where the library has none."""
     global _libc
     if _libc is None:
+        # The process's own symbols (dlopen(NULL)), which include the C
+        # library Python runs on.  Not ctypes.util.find_library: it runs
+        # ldconfig, and cli.main gets here before its signal handlers exist.
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
             _libc = False
     return getattr(_libc, name, None) if _libc else None

@@ -105,8 +105,11 @@ def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path) -> Non
 
 
 LAUNCH_MOMENTS = {
-    # the first helper process of the launch (supermin, qemu-img): no qemu yet
-    "starting": lambda run, first_seen: bool(run.seen),
+    # the first helper process of the launch (supermin, qemu-img, qemu's
+    # probes); not any child: a child the build starts for itself is not
+    # the launch
+    "starting": lambda run, first_seen: any(
+        p.comm.startswith(("supermin", "qemu")) for p in run.seen),
     # an appliance qemu has been booting for a second
     "booting": lambda run, first_seen: any(
         time.monotonic() - first_seen.setdefault(p, time.monotonic()) >= 1.0

@@ -288,3 +288,20 @@ def test_blocks_in_flight_are_reused_not_faulted_in_again(policy: str) -> None:
         assert faults > every_block_again // 2, faults
     else:
         assert faults < every_block_again // 20, faults
+
+
+def test_the_c_library_is_found_without_starting_a_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cli.main settles the heap first thing, before its signal handlers
+    are in place: a child started there (ctypes.util.find_library runs
+    ldconfig) is a window where ^C gives a traceback, and looked to the
+    interrupt tests like the appliance's first helper."""
+    from builder import fileio
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setattr(fileio, "_libc", None)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    assert fileio.libc_function("mallopt") is not None
+    assert fileio.libc_function("no_such_function_here") is None
