@@ -550,7 +550,7 @@ class Appliance:
             def building() -> bool:
                 # bounded: a supermin waiting forever (on a lock whose holder
                 # stopped, say) must not hold the build forever
-                return (time.monotonic() - started < max(self.timeout, LAUNCH_TIMEOUT)
+                return (time.monotonic() - started < self._whole_launch_limit
                         and _supermin_building())
 
             try:
@@ -566,13 +566,19 @@ class Appliance:
                     log.seek(0)
                     sys.stderr.write(log.read().decode("utf-8", "replace"))
 
+    @property
+    def _whole_launch_limit(self) -> float:
+        """The longest a launch may go on: the last TCG attempt's limit, and
+        the bound on counting a building supermin as progress."""
+        return max(self.timeout, LAUNCH_TIMEOUT)
+
     def _launch_attempts(self) -> list[tuple[bool, float]]:
         """(TCG?, seconds allowed) of each launch to try, in order: KVM once,
         unless known to fail (in this process, or by a record: then with
         the warning, once); then TCG, first with a short limit so that a
         hung boot is stopped early, then with the full one."""
         global _tcg_only
-        tcg = [(True, LAUNCH_STALLED_AFTER), (True, max(self.timeout, LAUNCH_TIMEOUT))]
+        tcg = [(True, LAUNCH_STALLED_AFTER), (True, self._whole_launch_limit)]
         if _tcg_only or _tcg_forced_by_env():
             return tcg
         record = _recorded_kvm_failure()
