@@ -105,9 +105,10 @@ def test_signal_during_base_extraction(demo_build: Build, tmp_path: Path) -> Non
 
 
 LAUNCH_MOMENTS = {
-    # the first helper process of the launch (supermin, qemu-img, qemu's
-    # probes); not any child: a child the build starts for itself is not
-    # the launch
+    # the first process of the appliance's start: the base step's qemu-img
+    # check of a qcow2 base right before the launch, or the launch's own
+    # supermin and qemu probes; not any child (ldconfig, say, before the
+    # signal handlers exist)
     "starting": lambda run, first_seen: any(
         p.comm.startswith(("supermin", "qemu")) for p in run.seen),
     # an appliance qemu has been booting for a second
