@@ -310,7 +310,7 @@ class Run:
     seconds: float
     rc: int
     cpu: float                      # user+sys of the process and its waited children
-    sys: float = 0.0                # the system (kernel) part of `cpu`
+    system: float = 0.0             # the system (kernel) part of `cpu`
     others: float = 0.0             # CPU seconds the rest of the machine used meanwhile
     rusage: dict[str, Any] = dataclasses.field(default_factory=dict)   # from CLI_HOOK
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)  # --json output
@@ -420,7 +420,7 @@ def run(cmd: list[str], *, env: dict[str, str], log_to: Path, stdout: Path | Non
         p.returncode = os.waitstatus_to_exitcode(status)
         _current = None
     cpu = ru.ru_utime + ru.ru_stime
-    r = Run(seconds, p.returncode, cpu, sys=ru.ru_stime, others=max(busy - cpu, 0.0),
+    r = Run(seconds, p.returncode, cpu, system=ru.ru_stime, others=max(busy - cpu, 0.0),
             timeline=timeline or [])
     if r.rc != 0:
         raise SystemExit(f"bench: {shown or cmd[0]} failed (exit {r.rc}); see {log_to}")
@@ -1077,7 +1077,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
                    f"= {hf / zb:.2f}x ZB; {TARGETS['host']}x ZB leaves "
                    f"{TARGETS['host'] * zb - hf:.1f} s for the rest (start, the read-ahead and "
                    "hash threads' share of the cores, index, assembly, publishing)")
-    out += new_memory_lines(n_fresh, n_reused, h, zb, med["ZB"].sys, sizes)
+    out += new_memory_lines(n_fresh, n_reused, h, zb, med["ZB"].system, sizes)
     for key, label in (("warm", "warm"), ("warm2", "warm'")):
         out.append(warm_phases(med[key], label, floor))
     out.append("")
@@ -1150,7 +1150,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], small_info: dict[str,
             own = (f"python {r.rusage.get('self_cpu', 0):6.1f}  qemu+children "
                    f"{r.rusage.get('children_cpu', 0):6.1f}")
         else:
-            own = f"process tree {r.cpu:6.1f} (system {r.sys:.2f})"
+            own = f"process tree {r.cpu:6.1f} (system {r.system:.2f})"
         busy = r.others / r.seconds
         if busy > 0.1:
             noisy.append(label)
