@@ -93,8 +93,8 @@ def bar(desc: str, total: int | None, unit: str = "B") -> Any:
 
 
 class _NoBar:
-    """What bar() gives when stderr is not a terminal: the calls a bar takes,
-    doing nothing."""
+    """What bar() gives when stderr is not a terminal: what callers use of a
+    bar (a `with` block and update()), doing nothing."""
 
     def __enter__(self) -> _NoBar:
         return self
@@ -103,7 +103,4 @@ class _NoBar:
         pass
 
     def update(self, n: float = 1) -> None:
-        pass
-
-    def close(self) -> None:
         pass
